@@ -1,0 +1,37 @@
+"""Turns the status codes of the nogil kernels into exceptions (the cold path)."""
+
+from vqcore.errors import CODE_TO_EXCEPTION, QueueError
+
+_MESSAGES = {
+    VQ_E_HEAD_INDEX: "avail ring slot {index} names head {addr}, not below the queue size {len}",
+    VQ_E_DESC_INDEX: "descriptor {index} chains to index {addr}, beyond a table of {len}",
+    VQ_E_AVAIL_IDX: "avail->idx is {addr}, {len} entries ahead of the last seen {index} (more than the queue size)",
+    VQ_E_CHAIN_TOO_LONG: "chain at head {index} is longer than {len} descriptors (a loop?)",
+    VQ_E_INDIRECT_LEN: "descriptor {index}: indirect table length {len} is zero or not a multiple of 16",
+    VQ_E_INDIRECT_NESTED: "indirect table entry {index} has the INDIRECT flag (nested indirect)",
+    VQ_E_INDIRECT_NEXT: "descriptor {index} has both INDIRECT and NEXT set",
+    VQ_E_INDIRECT_TOO_LONG: "descriptor {index}: indirect table of {len} entries exceeds the queue size",
+    VQ_E_INDIRECT_SPLIT: "descriptor {index}: indirect table at {addr:#x}+{len} is not inside one memory region",
+    VQ_E_OUT_OF_BOUNDS: "descriptor {index}: buffer {addr:#x}+{len} is outside guest memory",
+    VQ_E_ADDR_OVERFLOW: "descriptor {index}: address {addr:#x} + length {len} overflows 64 bits",
+    VQ_E_CHAIN_LEN_OVERFLOW: "chain at head {index}: total length {len} exceeds 2**32-1",
+    VQ_E_WRITE_ORDER: "descriptor {index}: device-readable segment after a device-writable one",
+    VQ_E_HEAD_IN_USE: "head {index} offered again while still in flight",
+    VQ_E_USED_IDX: "used->idx is {addr}, {len} entries ahead of the last seen {index} (more than the queue size)",
+    VQ_E_USED_ID: "used element names id {addr}, which is not in flight (queue size {len})",
+    VQ_E_USED_LEN: "used element for head {index} reports {addr} bytes, more than its {len} writable bytes",
+    VQ_E_NOT_IN_FLIGHT: "head {index} is not in flight (never popped, or already pushed)",
+    VQ_E_BATCH_TOO_SMALL: "chain at head {index} needs more than the batch's {len} segments",
+    VQ_E_BROKEN: "queue is broken by an earlier violation; reset it",
+    VQ_E_BAD_CHAIN: "chain {index} given to add() is invalid ({len} segments)",
+    VQ_E_NO_INDIRECT: "indirect chains need an indirect area (chain {index})",
+}
+
+
+cdef int raise_status(const vq_err *e, str where) except -1:
+    cls = CODE_TO_EXCEPTION.get(e.code, QueueError)
+    template = _MESSAGES.get(e.code, "error code {code}")
+    msg = template.format(index=e.index, addr=e.addr, len=e.len, code=e.code)
+    if where:
+        msg = f"{where}: {msg}"
+    raise cls(msg, code=e.code, index=e.index, addr=e.addr, length=e.len)
