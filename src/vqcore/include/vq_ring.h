@@ -103,13 +103,14 @@ static inline void vq_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUI
  * every check and every use afterwards reads the private copy). */
 static inline void vq_read_desc(const struct vq_desc *src, struct vq_desc *dst)
 {
-    struct vq_desc tmp;
-    memcpy(&tmp, (const void *)src, sizeof tmp);
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* keep the compiler from re-reading src */
-    dst->addr = vq_le64(tmp.addr);
-    dst->len = vq_le32(tmp.len);
-    dst->flags = vq_le16(tmp.flags);
-    dst->next = vq_le16(tmp.next);
+    /* Two volatile 8-byte loads: each byte of the descriptor is read exactly once. */
+    const volatile uint64_t *p = (const volatile uint64_t *)src;
+    uint64_t addr = vq_le64(p[0]);
+    uint64_t rest = vq_le64(p[1]);          /* len | flags << 32 | next << 48 */
+    dst->addr = addr;
+    dst->len = (uint32_t)rest;
+    dst->flags = (uint16_t)(rest >> 32);
+    dst->next = (uint16_t)(rest >> 48);
 }
 
 static inline void vq_write_desc(struct vq_desc *dst, uint64_t addr, uint32_t len,

@@ -48,38 +48,49 @@ static inline int vq_split_pop(struct vq_split_dev *q, struct vq_batch *b)
     vq_batch_clear(b);
     if (q->broken)
         return VQ_E_BROKEN;
+    const uint32_t size = q->size, mask = q->mask;
+    const uint16_t *ring = q->avail->ring;
+    const struct vq_desc *desc = q->desc;
+    struct vq_memory *mem = q->mem;
+    uint8_t *inflight = q->inflight;
+    uint16_t last = q->last_avail;
     uint16_t avail_idx = vq_load_acquire16(&q->avail->idx);
-    uint16_t pending = (uint16_t)(avail_idx - q->last_avail);
-    if (pending > q->size) {
+    uint16_t pending = (uint16_t)(avail_idx - last);
+    if (pending > size) {
         q->broken = 1;
-        return vq_fail(&q->err, VQ_E_AVAIL_IDX, q->last_avail, avail_idx, pending);
+        return vq_fail(&q->err, VQ_E_AVAIL_IDX, last, avail_idx, pending);
     }
     uint32_t n = pending < b->max_chains ? pending : b->max_chains;
     struct vq_walk w;
+    int rc = 0;
     for (uint32_t i = 0; i < n; i++) {
-        uint16_t slot = (uint16_t)(q->last_avail & q->mask);
-        uint16_t head = vq_load_relaxed16(&q->avail->ring[slot]);
-        int rc;
-        if (head >= q->size) {
-            rc = vq_fail(&q->err, VQ_E_HEAD_INDEX, slot, head, q->size);
-        } else if (q->inflight[head]) {
-            rc = vq_fail(&q->err, VQ_E_HEAD_IN_USE, head, 0, 0);
-        } else {
-            rc = vq_walk_chain(q->mem, q->desc, q->size, head, b, &w, &q->err);
-            if (rc == 0) {
-                vq_batch_commit(b, &w, head);
-                q->inflight[head] = 1;
-                q->last_avail++;
-                continue;
-            }
-            if (rc == VQ_E_BATCH_TOO_SMALL && b->count)
-                break;          /* no room left for this chain: the next pop takes it */
+        uint16_t slot = (uint16_t)(last & mask);
+        uint16_t head = vq_load_relaxed16(&ring[slot]);
+        if (head >= size) {
+            rc = vq_fail(&q->err, VQ_E_HEAD_INDEX, slot, head, size);
+            break;
         }
+        if (inflight[head]) {
+            rc = vq_fail(&q->err, VQ_E_HEAD_IN_USE, head, 0, 0);
+            break;
+        }
+        rc = vq_walk_chain(mem, desc, size, head, b, &w, &q->err);
+        if (rc) {
+            if (rc == VQ_E_BATCH_TOO_SMALL && b->count)
+                rc = 0;         /* no room left for this chain: the next pop takes it */
+            break;
+        }
+        vq_batch_commit(b, &w, head);
+        inflight[head] = 1;
+        last++;
+    }
+    q->last_avail = last;
+    q->num_inflight += b->count;
+    if (rc) {
         if (vq_is_violation(rc))
             q->broken = 1;
         return rc;
     }
-    q->num_inflight += b->count;
     return (int)b->count;
 }
 
