@@ -63,6 +63,11 @@ def pattern(tokens, pos, salt):
     return (x >> np.uint64(56)).astype(np.uint8)
 
 
+def eq(a, b):
+    """Arrays equal in shape and values (a cheaper np.array_equal for the hot loop)."""
+    return a.shape == b.shape and bool((a == b).all())
+
+
 def excl_cumsum(a):
     a = np.asarray(a, np.int64)
     return np.cumsum(a) - a
@@ -188,8 +193,8 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
     expect_used = []     # chains in the order the device pushed them
     expect_head = 0
     num_free = size
-    dev_asleep = False   # notifications enabled and nothing pending when checked
-    drv_asleep = False   # interrupts enabled and nothing used when checked
+    dev_asleep = True    # notifications enabled (as after reset) and nothing pending
+    drv_asleep = True    # interrupts enabled (as after reset) and nothing used
     kicked = False
     irq = False
     idle = 0
@@ -237,8 +242,8 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
         dbatch.load(GPA_BASE + wl.seg_off[s0:s1].astype(np.uint64), lens, wl.length[c0:c1],
                     wl.nread[c0:c1], wl.tokens[c0:c1])
         assert dbatch.count == c1 - c0
-        assert np.array_equal(dbatch.readable_bytes, wl.rbytes[c0:c1])
-        assert np.array_equal(dbatch.writable_bytes, wl.wbytes[c0:c1])
+        assert eq(dbatch.readable_bytes, wl.rbytes[c0:c1])
+        assert eq(dbatch.writable_bytes, wl.wbytes[c0:c1])
         return True
 
     def chain_segments(seqs):
@@ -262,18 +267,16 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
         # --- the segments are exactly what the driver added (in avail order)
         segs, per_chain = chain_segments(seqs)
         assert pb.count == n
-        assert np.array_equal(pb.seg_start, np.concatenate(([0], np.cumsum(per_chain))))
-        assert np.array_equal(pb.seg_addr, GPA_BASE + wl.seg_off[segs])
-        assert np.array_equal(pb.seg_len, wl.seg_len[segs])
-        assert np.array_equal(pb.seg_host, rig.base + wl.seg_off[segs])
+        assert eq(pb.seg_start, np.concatenate(([0], np.cumsum(per_chain))))
+        assert eq(pb.seg_addr, GPA_BASE + wl.seg_off[segs])
+        assert eq(pb.seg_len, wl.seg_len[segs])
+        assert eq(pb.seg_host, rig.base + wl.seg_off[segs])
         w = wl.seg_w[segs]
-        nr = np.add.reduceat((~w).astype(np.int64), np.concatenate(([0], np.cumsum(per_chain)[:-1]))) \
-            if len(segs) else np.zeros(n, np.int64)
-        nr[per_chain == 0] = 0
-        assert np.array_equal(pb.readable_segments, nr)
-        assert np.array_equal(pb.readable_bytes, wl.rbytes[seqs])
-        assert np.array_equal(pb.writable_bytes, wl.wbytes[seqs])
-        assert np.array_equal(pb.descriptors_used, np.where(wl.ind[seqs], 1, wl.length[seqs]))
+        nr = np.bincount(np.repeat(np.arange(n), per_chain), weights=~w, minlength=n)
+        assert eq(pb.readable_segments, nr)
+        assert eq(pb.readable_bytes, wl.rbytes[seqs])
+        assert eq(pb.writable_bytes, wl.wbytes[seqs])
+        assert eq(pb.descriptors_used, np.where(wl.ind[seqs], 1, wl.length[seqs]))
         heads = pb.heads.astype(np.int64)
         assert len(np.unique(heads)) == n
         wl.head[seqs] = heads
@@ -283,7 +286,7 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
         rb = wl.rbytes[seqs]
         want = pattern(np.repeat(wl.tokens[seqs], rb), stream_pos(rb), SALT_REQUEST)
         got = buf[idx]
-        if not np.array_equal(got, want):
+        if not eq(got, want):
             bad = int(np.flatnonzero(got != want)[0])
             pytest.fail(f"request byte {bad} of popped chains {popped}..: {got[bad]} != {want[bad]}")
         # --- response: the first used_len bytes of the writable stream
@@ -330,9 +333,9 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
                 expect_used.clear()
                 if len(rest):
                     expect_used.append(rest)
-                assert np.array_equal(rbatch.tokens, wl.tokens[seqs])
-                assert np.array_equal(rbatch.used_len, wl.used[seqs])
-                assert np.array_equal(rbatch.heads, wl.head[seqs])
+                assert eq(rbatch.tokens, wl.tokens[seqs])
+                assert eq(rbatch.used_len, wl.used[seqs])
+                assert eq(rbatch.heads, wl.head[seqs])
                 assert not wl.done[seqs].any()
                 wl.done[seqs] = True
                 # response bytes: the pattern up to used_len, the rest untouched
@@ -344,7 +347,7 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
                 want = np.where(pos < np.repeat(wl.used[seqs], wb),
                                 pattern(np.repeat(wl.tokens[seqs], wb), pos, SALT_RESPONSE),
                                 np.uint8(POISON))
-                assert np.array_equal(buf[widx], want), "response bytes differ"
+                assert eq(buf[widx], want), "response bytes differ"
                 num_free += int(np.where(wl.ind[seqs], 1, wl.length[seqs]).sum())
                 reclaimed += n
                 total += n
@@ -441,25 +444,18 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
 
 
 WRAPS = 3 * 65536 + 1000      # more than three trips round the 16-bit index
+ONE_WRAP = 65536 + 3000       # small rings move few chains per call: one trip
 
 CASES = {
-    # size 1: every chain is a full-size chain; index wraps once
-    "size1-direct": dict(
-        wl=dict(size=1, total=65536 + 700, add_batches=(1,), short_max=1, seg_bytes=16),
-        event_idx=False, pop_batches=(1,), reclaim_max=1),
-    "size2-mixed-evidx": dict(
-        wl=dict(size=2, total=65536 + 900, add_batches=(1, 2), indirect="mixed",
-                indirect_max=2, short_max=2, seg_bytes=16),
-        event_idx=True, pop_batches=(2, 1), reclaim_max=2),
     # size 16: batch sizes 1, 2, 7, size/2, size; chain lengths 1..16 (indirect too);
     # zero-length descriptors; completion out of order; three index wraps
     "size16-mixed-evidx-shuffled": dict(
-        wl=dict(size=16, total=WRAPS, add_batches=(16, 1, 8, 2, 7), indirect="mixed",
+        wl=dict(size=16, total=ONE_WRAP, add_batches=(16, 1, 8, 2, 7), indirect="mixed",
                 indirect_max=16, short_max=16, full_every=3, seg_bytes=24, zero_frac=0.1),
         event_idx=True, pop_batches=(16, 3, 1, 7, 8), reclaim_max=5, permute=True,
         unpublished_every=5),
     "size16-direct": dict(
-        wl=dict(size=16, total=WRAPS, add_batches=(16, 8, 7, 2, 1), short_max=3,
+        wl=dict(size=16, total=ONE_WRAP, add_batches=(16, 8, 7, 2, 1), short_max=3,
                 long_every=9, full_every=4, seg_bytes=32),
         event_idx=False, pop_batches=(16, 7, 2), reclaim_max=16),
     # size 256: long chains (up to 256, direct and indirect with indirect_max = size)
@@ -489,6 +485,90 @@ def test_roundtrip(case):
     if wl.full_every:
         assert (wl.length == wl.size).any()
     run_roundtrip(wl, **kw)
+
+
+# ---- rings of one and two descriptors, per chain (chain_bytes) -----------------------
+
+def _tiny_chain(seq, size):
+    """Segments of chain ``seq`` on a ring of ``size``: [(length, writable), ...]."""
+    ndesc = 1 + seq % size
+    if ndesc == 1:
+        return [(1 + seq % 23, bool(seq % 3 == 0))]        # readable only, or writable only
+    return [(1 + seq % 19, False), (1 + seq % 17, True)]
+
+
+def _tiny_bytes(seq, n, salt):
+    return bytes((seq * 131 + i * 7 + salt + (seq >> 8)) & 0xFF for i in range(n))
+
+
+@pytest.mark.parametrize("size,event_idx,indirect", [(1, False, False), (1, True, True),
+                                                      (2, True, False), (2, False, True)])
+def test_roundtrip_tiny_ring_index_wrap(size, event_idx, indirect):
+    """Rings of size 1 and 2 (a chain of exactly ``size`` descriptors every time the
+    chain length allows) across the 16-bit index wrap; content checked per chain."""
+    rig = Rig(size, event_idx=event_idx, indirect_max=size if indirect else 0, arena=PAGE)
+    drv, dev, mem = rig.drv, rig.dev, rig.mem
+    db, pb, rb = ChainBatch(size), ChainBatch(size), ChainBatch(size)
+    total = 65536 + 300
+    slot = 64                                   # bytes per chain; `size` slots in flight
+    seq = 0
+    done = 0
+    while done < total:
+        # driver: as many chains as the ring takes (each chain its own slot)
+        db.clear()
+        chains = []
+        free = drv.num_free
+        while seq + len(chains) < total and len(chains) < size:
+            s = seq + len(chains)
+            segs = _tiny_chain(s, size)
+            need = 1 if indirect else len(segs)
+            if need > free:
+                break
+            free -= need
+            gpa = rig.arena_gpa + (s % size) * slot
+            readable, writable = [], []
+            for ln, w in segs:
+                (writable if w else readable).append((gpa, ln))
+                mem.write(gpa, bytes([POISON]) * ln if w else _tiny_bytes(s, ln, 1))
+                gpa += ln
+            db.append(readable=readable, writable=writable, token=TOKEN_BASE + s)
+            chains.append((s, readable, writable))
+        if chains:
+            assert drv.add(db, indirect=indirect) == len(chains)
+            assert drv.kick_needed()            # the device always sleeps between rounds
+        # device: pop, check the segments and bytes, reply, push
+        n = dev.pop(pb)
+        assert n == len(chains)
+        for i, (s, readable, writable) in enumerate(chains):
+            c = pb.chain(i)
+            assert c.segments == [(g, ln, False) for g, ln in readable] + \
+                [(g, ln, True) for g, ln in writable]
+            assert pb.descriptors_used[i] == (1 if indirect else len(readable) + len(writable))
+            assert pb.chain_bytes(i) == b"".join(_tiny_bytes(s, ln, 1) for _, ln in readable)
+            assert pb.chain_bytes(i, writable=True) == bytes([POISON]) * c.writable
+            used = c.writable - s % 2 if c.writable else 0
+            if writable:
+                mem.write(writable[0][0], _tiny_bytes(s, used, 2))
+            pb.used_len[i] = used
+        dev.push_used(pb)
+        assert dev.needs_notification()         # the driver always sleeps between rounds
+        assert not dev.enable_notification()
+        # driver: reclaim and check
+        drv.disable_interrupts()
+        assert drv.reclaim(rb) == n
+        for i, (s, readable, writable) in enumerate(chains):
+            assert rb.tokens[i] == TOKEN_BASE + s
+            wbytes = sum(ln for _, ln in writable)
+            used = wbytes - s % 2 if wbytes else 0
+            assert rb.used_len[i] == used
+            if writable:
+                assert mem.read(writable[0][0], wbytes) == \
+                    _tiny_bytes(s, used, 2) + bytes([POISON]) * (wbytes - used)
+        assert not drv.enable_interrupts()
+        seq += n
+        done += n
+    assert drv.num_free == size and drv.in_flight == 0 and dev.in_flight == 0
+    assert dev.next_avail == dev.next_used == drv.next_avail == drv.last_used == total % 65536
 
 
 # ---- save / restore -----------------------------------------------------------------
@@ -563,39 +643,41 @@ def test_save_restore_mid_stream(event_idx, rewind):
     device had popped chains it never completed: the new one starts from next_used
     (an in-order device) and serves them again, exactly once."""
     size = 64
+    full = size // 2                                  # chains of 2 descriptors
     sr = SeqRing(size, event_idx)
     rig = sr.rig
-    pb = ChainBatch(16)
+    pb = ChainBatch(8)
     dev = rig.dev
     # run close to the wrap through the first device
-    target = 65536 - 150
+    target = 65536 - 100
     while sr.got < target:
-        sr.add(min(size, target - sr.sent))
+        sr.add(min(full, target - sr.sent))
         while sr.serve(dev, pb):
             pass
         sr.reclaim_all()
     # a full ring pending; the old device serves part of it (and maybe pops more)
-    sr.add(size)
+    sr.add(full)
     first = sr.got
-    assert sr.serve(dev, pb) == 16 and sr.serve(dev, pb) == 16
-    assert sr.reclaim_all() == 32
+    assert sr.serve(dev, pb) == 8 and sr.serve(dev, pb) == 8
+    assert sr.reclaim_all() == 16
     if rewind:
-        assert sr.serve(dev, pb, push=False) == 16     # popped, never completed
-        assert dev.in_flight == 16
+        assert sr.serve(dev, pb, push=False) == 8      # popped, never completed
+        assert dev.in_flight == 8
     saved_avail, saved_used = dev.next_avail, dev.next_used
-    assert saved_used == (first + 32) % 65536
-    assert saved_avail == (first + 32 + (16 if rewind else 0)) % 65536
-    assert saved_avail < 65536 - 32                   # the wrap is still ahead
+    assert saved_used == (first + 16) % 65536
+    assert saved_avail == (first + 16 + (8 if rewind else 0)) % 65536
+    assert saved_avail < 65536 - 64                   # the wrap is still ahead
 
     new = SplitDeviceQueue(rig.mem, size, *rig.addrs[:3], event_idx=event_idx)
     new.next_avail = saved_used if rewind else saved_avail
     new.next_used = saved_used
     rig.dev = dev = None                              # the old device is gone
+    assert new.next_avail == (saved_used if rewind else saved_avail)
     assert new.next_used == saved_used
     assert new.in_flight == 0
-    assert new.pending() == size - 32
+    assert new.pending() == full - 16
     if rewind:
-        sr.popped = first + 32                        # the new device serves them again
+        sr.popped = first + 16                        # the new device serves them again
     if event_idx:
         assert new.needs_notification()              # first decision after a restore
     # continue across the wrap with the new device
@@ -622,11 +704,12 @@ def test_pop_smaller_than_pending_then_partial_and_out_of_order_push():
     assert dev.pending() == 8
     pb = ChainBatch(3)
     heads, seqs = [], []
-    for want in (3, 3, 2, 0):               # several pops, each smaller than pending
+    for want in (3, 3, 2):                  # several pops, each smaller than pending
         assert dev.pop(pb) == want
         heads += pb.heads.tolist()
         seqs += sr.seqs_of(pb).tolist()
         assert dev.pending() == 8 - len(heads)
+    assert dev.pop(ChainBatch(3)) == 0
     assert seqs == list(range(8))
     assert len(set(heads)) == 8
     assert dev.in_flight == 8

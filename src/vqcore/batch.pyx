@@ -176,12 +176,16 @@ cdef class ChainBatch:
     def chain_bytes(self, Py_ssize_t i, bint writable=False):
         """Copy of the readable (or writable) bytes of chain i, read via host pointers."""
         c = self.chain(i)
+        if i < 0:
+            i += self.b.count       # chain() accepted it; index the C arrays with i >= 0
         cdef uint32_t s
         cdef uint32_t s0 = self.b.seg_start[i], s1 = self.b.seg_start[i + 1]
         cdef uint32_t nr = self.b.nread[i]
         out = bytearray()
         for s in range(s0, s1):
             if (s - s0 >= nr) == writable:
+                if self.b.iov[s].iov_base == NULL:   # a driver batch: no host pointers
+                    raise ValueError("segment has no host address: chain_bytes needs a popped batch")
                 out += (<char *>self.b.iov[s].iov_base)[:self.b.iov[s].iov_len]
         return bytes(out)
 

@@ -116,6 +116,11 @@ class InvalidUsedLength(RingViolation, ValueError):
     """Driver side: a used length exceeds the writable bytes of its chain."""
 
 
+class NetHeaderError(RingViolation, ValueError):
+    """virtio-net: a TX chain shorter than the virtio-net header, or an RX chain with no
+    room for it."""
+
+
 class NotInFlight(QueueError, ValueError):
     """``push_used`` was given a head that was never popped (or already pushed)."""
 
@@ -151,6 +156,7 @@ CODE_TO_EXCEPTION: dict[int, type[QueueError]] = {
     -15: InvalidUsedRingIndex,
     -16: InvalidUsedId,
     -17: InvalidUsedLength,
+    -18: NetHeaderError,
     -20: NotInFlight,
     -21: BatchTooSmall,
     -22: QueueBroken,

@@ -63,8 +63,9 @@ cdef inline double _now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cdef inline int _wait_fd(int fd, double deadline) noexcept nogil:
-    """Block until the eventfd is readable, consume it. 0, or -1 at the deadline."""
+cdef inline int _wait_fd(int fd, double deadline, volatile int *go) noexcept nogil:
+    """Block until the eventfd is readable, consume it. 0, or -1 at the deadline or
+    when the other side gave up."""
     cdef pollfd p
     cdef uint64_t v
     cdef int rc
@@ -76,7 +77,7 @@ cdef inline int _wait_fd(int fd, double deadline) noexcept nogil:
         if rc > 0:
             read(fd, &v, 8)
             return 0
-        if _now() > deadline:
+        if go[0] == 2 or _now() > deadline:
             return -1
 
 
@@ -129,15 +130,15 @@ cdef int _driver_run(vq_split_drv *q, vq_batch *tmpl, vq_batch *rb, uint64_t tot
             if call_fd >= 0:
                 if not vq_split_drv_enable_interrupts(q):
                     st.sleeps += 1
-                    if _wait_fd(call_fd, deadline) < 0:
+                    if _wait_fd(call_fd, deadline, go) < 0:
                         st.rc = -1000
                         return -1000
                 vq_split_drv_disable_interrupts(q)
             else:
                 vq_cpu_relax()
-                if _now() > deadline:
-                    st.rc = -1000
-                    return -1000
+                if go[0] == 2 or _now() > deadline:
+                    st.rc = -1000 if go[0] != 2 else -1001
+                    return st.rc
     st.done = completed
     st.t_end = _now()
     return 0
@@ -171,16 +172,16 @@ cdef int _device_run(vq_split_dev *q, vq_batch *b, uint64_t total, int kick_fd,
         if kick_fd >= 0:
             if not vq_split_enable_notification(q):
                 st.sleeps += 1
-                if _wait_fd(kick_fd, deadline) < 0:
+                if _wait_fd(kick_fd, deadline, go) < 0:
                     st.rc = -1000
                     return -1000
             vq_split_disable_notification(q)
         else:
             vq_cpu_relax()
             spins += 1
-            if (spins & 0xFFFF) == 0 and _now() > deadline:
-                st.rc = -1000
-                return -1000
+            if go[0] == 2 or ((spins & 0xFFFF) == 0 and _now() > deadline):
+                st.rc = -1000 if go[0] != 2 else -1001
+                return st.rc
     st.done = processed
     st.t_end = _now()
     return 0
@@ -202,13 +203,15 @@ cdef class _PingPong:
 
     def run_driver(self):
         with nogil:
-            _driver_run(self.dq, self.tp, self.rp, self.total, self.batch, self.kick_fd,
-                        self.call_fd, &self.go, self.deadline, &self.dst)
+            if _driver_run(self.dq, self.tp, self.rp, self.total, self.batch, self.kick_fd,
+                           self.call_fd, &self.go, self.deadline, &self.dst) != 0:
+                self.go = 2
 
     def run_device(self):
         with nogil:
-            _device_run(self.vq, self.dp, self.total, self.kick_fd, self.call_fd,
-                        &self.go, self.deadline, &self.vst)
+            if _device_run(self.vq, self.dp, self.total, self.kick_fd, self.call_fd,
+                           &self.go, self.deadline, &self.vst) != 0:
+                self.go = 2
 
 
 def pingpong(SplitDriverQueue driver not None, SplitDeviceQueue device not None,
@@ -267,7 +270,7 @@ def pingpong(SplitDriverQueue driver not None, SplitDeviceQueue device not None,
             os.close(pp.call_fd)
     if pp.dst.rc or pp.vst.rc:
         raise PingPongError(f"ping-pong failed: driver rc={pp.dst.rc} device rc={pp.vst.rc} "
-                            f"(-1000 = timeout; others: vq_status.h)")
+                            f"(-1000 = timeout, -1001 = stopped because the other side failed; others: vq_status.h)")
     seconds = t1 - t0
     return {"buffers": total, "seconds": seconds, "ns_per_buffer": seconds * 1e9 / total,
             "kicks": pp.dst.notifies, "calls": pp.vst.notifies,

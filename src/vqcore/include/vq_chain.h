@@ -72,7 +72,7 @@ static inline int vq_walk_indirect_table(struct vq_memory *m, const struct vq_de
     uint32_t n = d->len / 16u;
     if (n > qsize)
         return vq_fail(e, VQ_E_INDIRECT_TOO_LONG, index, d->addr, n);
-    if (d->len > UINT64_MAX - d->addr)
+    if (d->len - 1u > UINT64_MAX - d->addr)   /* len >= 16 here; may end at 2^64 */
         return vq_fail(e, VQ_E_ADDR_OVERFLOW, index, d->addr, d->len);
     const struct vq_desc *t = (const struct vq_desc *)vq_mem_ptr(m, d->addr, d->len);
     if (t == NULL) {

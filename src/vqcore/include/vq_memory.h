@@ -74,7 +74,7 @@ static inline uint8_t *vq_mem_ptr(struct vq_memory *m, uint64_t gpa, uint64_t le
 static inline int vq_mem_iov(struct vq_memory *m, uint64_t gpa, uint64_t len,
                              struct iovec *iov, uint64_t *gpas, uint32_t max)
 {
-    if (len > UINT64_MAX - gpa)
+    if (len && len - 1 > UINT64_MAX - gpa)   /* a range may end exactly at 2^64 */
         return VQ_E_ADDR_OVERFLOW;
     uint32_t n = 0;
     while (len) {

@@ -134,7 +134,8 @@ static inline uint16_t *vq_avail_event(struct vq_used *used, uint32_t n)
     return (uint16_t *)&used->ring[n];
 }
 
-/* The spec's vring_need_event: true when event_idx lies in (old, new], all mod 2^16. */
+/* The spec's vring_need_event: true when event_idx lies in [old, new), all mod 2^16
+ * (the other side asked to be told once the index moves past event_idx). */
 static inline int vq_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
 {
     return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);

@@ -47,7 +47,7 @@ static inline int vq_split_pop(struct vq_split_dev *q, struct vq_batch *b)
 {
     vq_batch_clear(b);
     if (q->broken)
-        return VQ_E_BROKEN;
+        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
     const uint32_t size = q->size, mask = q->mask;
     const uint16_t *ring = q->avail->ring;
     const struct vq_desc *desc = q->desc;
@@ -92,6 +92,20 @@ static inline int vq_split_pop(struct vq_split_dev *q, struct vq_batch *b)
         return rc;
     }
     return (int)b->count;
+}
+
+/* Give back chains [k, count) of the last pop (the most recent ones, in order): the
+ * next pop returns them again. Used when a burst could not use every chain. */
+static inline void vq_split_unpop(struct vq_split_dev *q, struct vq_batch *b, uint32_t k)
+{
+    if (k >= b->count)
+        return;
+    for (uint32_t i = k; i < b->count; i++)
+        q->inflight[b->head[i]] = 0;
+    q->last_avail = (uint16_t)(q->last_avail - (b->count - k));
+    q->num_inflight -= b->count - k;
+    b->count = k;
+    b->nseg = b->seg_start[k];
 }
 
 /* Write n used elements (heads[i], lens[i]) and publish used->idx once.
@@ -238,7 +252,7 @@ static inline int vq_split_drv_add(struct vq_split_drv *q, const struct vq_batch
 {
     uint32_t c;
     if (q->broken)
-        return VQ_E_BROKEN;
+        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
     if (indirect && q->ind_host == NULL)
         return vq_fail(&q->err, VQ_E_NO_INDIRECT, from, 0, 0);
     for (c = from; c < b->count; c++) {
@@ -295,7 +309,7 @@ static inline int vq_split_drv_reclaim(struct vq_split_drv *q, struct vq_batch *
 {
     vq_batch_clear(b);
     if (q->broken)
-        return VQ_E_BROKEN;
+        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
     uint16_t used_idx = vq_load_acquire16(&q->used->idx);
     uint16_t pending = (uint16_t)(used_idx - q->last_used);
     if (pending > q->size) {
@@ -311,7 +325,7 @@ static inline int vq_split_drv_reclaim(struct vq_split_drv *q, struct vq_batch *
         uint32_t id = vq_le32(el.id), len = vq_le32(el.len);
         if (id >= q->size || !q->inflight[id]) {
             q->broken = 1;
-            vq_fail(&q->err, VQ_E_USED_ID, (uint32_t)(q->last_used + k), id, q->size);
+            vq_fail(&q->err, VQ_E_USED_ID, (uint16_t)(q->last_used + k), id, q->size);
             break;
         }
         if (len > q->wbytes[id]) {
