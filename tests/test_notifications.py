@@ -77,7 +77,7 @@ class Ring:
     def push(self, k=None):
         k = len(self.held) if k is None else k
         heads, self.held = self.held[:k], self.held[k:]
-        self.dev.push(heads, [k] * len(heads))
+        self.dev.push(heads, [8] * len(heads))
         return len(heads)
 
     def serve(self):
@@ -143,6 +143,22 @@ def test_no_notify_flag_and_kicks():
     assert drv.kick_needed()
     assert not drv.kick_needed()
     assert r.serve() == 8
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_kick_decision_counts_published_chains_only(event_idx):
+    """Chains added with publish=False do not count until published: a kick decided
+    before the publish must not swallow the kick they need (a lost wakeup)."""
+    r = Ring(event_idx=event_idx)
+    drv, dev = r.drv, r.dev
+    assert not dev.enable_notification()        # the device sleeps
+    r.add(3, publish=False)
+    assert not drv.kick_needed()                # nothing published: nothing to kick for
+    assert dev.pending() == 0
+    drv.publish()
+    assert dev.pending() == 3
+    assert drv.kick_needed()                    # the sleeping device must be woken
+    assert not drv.kick_needed()
 
 
 def test_event_idx_avail_event_and_kicks():

@@ -11,8 +11,8 @@ the mount; the rest is ours:
   the caller is another thread). Unlike ``pyroute2.netns.setns``, entering a namespace
   that does not exist never creates it: it raises :class:`NamespaceNotFound`.
 * Anything opened while inside stays bound to that namespace after the thread leaves it:
-  a socket (:func:`socket_in`), a file such as ``/dev/net/tun`` (:func:`open_in`), an
-  ``IPRoute`` netlink socket (:func:`iproute`).
+  a socket (:func:`socket_in`), a file such as ``/dev/net/tun`` (:func:`open_in`).
+  :func:`iproute` gives an ``IPRoute`` bound to a namespace.
 * :class:`NetNamespace` is a context manager with a unique name that removes itself, and
   every interface in it, on exit — also after an error.
 
@@ -144,8 +144,9 @@ def _purge_links(name: str) -> None:
                 try:
                     ipr.link("del", index=link["index"])
                 except NetlinkError as exc:
-                    log.warning("cannot delete %s in network namespace %s: %s",
-                                ifname, name, _errtext(exc.code))
+                    if exc.code != errno.ENODEV:   # ENODEV: went with its veth peer
+                        log.warning("cannot delete %s in network namespace %s: %s",
+                                    ifname, name, _errtext(exc.code))
     except (OSError, NetlinkError) as exc:  # the namespace itself still goes
         log.warning("cannot list the links of network namespace %s: %s", name, exc)
 
@@ -244,15 +245,28 @@ def socket_in(name: str | None, family: int = socket.AF_INET,
 
 
 def iproute(name: str | None = None) -> IPRoute:
-    """An ``IPRoute`` whose netlink socket lives in namespace ``name`` (``None``: the
-    calling thread's namespace). The caller closes it (it is a context manager).
+    """An ``IPRoute`` bound to namespace ``name`` (``None``: the calling thread's
+    namespace). The caller closes it (it is a context manager).
 
-    The socket is opened by this thread while inside the namespace, so no helper process
-    is forked and a missing namespace raises :class:`NamespaceNotFound` instead of being
-    created (``IPRoute(netns=...)`` creates it by default).
+    This is ``IPRoute(netns=name, flags=0)`` after checking that the namespace exists:
+    a missing namespace raises :class:`NamespaceNotFound` instead of being created (the
+    default ``flags=O_CREAT`` would create it). Do not build it with a plain
+    ``IPRoute()`` inside :func:`entered` instead: pyroute2 creates a ``kind="tuntap"``
+    link by ioctls run in the namespace of the thread that calls ``link("add")``, which
+    for an in-thread socket is the caller's namespace, not the socket's; with ``netns=``
+    pyroute2 runs those ioctls in a child process that enters the right namespace.
     """
-    with entered(name):
+    if name is None:
         return IPRoute()
+    path = netns_path(name)
+    if not os.path.exists(path):
+        raise NamespaceNotFound(f"network namespace {name!r} does not exist ({path})",
+                                errno.ENOENT)
+    try:
+        return IPRoute(netns=name, flags=0)
+    except FileNotFoundError:
+        raise NamespaceNotFound(f"network namespace {name!r} does not exist ({path})",
+                                errno.ENOENT) from None
 
 
 class NetNamespace:

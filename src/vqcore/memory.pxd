@@ -26,6 +26,7 @@ cdef class GuestMemory:
     cdef list _views          # per region: the exported buffer view that pins it
     cdef list _owners         # per region: the object the caller gave
     cdef readonly int attached   # queues using this memory (they hold host pointers)
+    cdef object __weakref__
 
     cdef int attach(self) except -1
     cdef void detach(self) noexcept

@@ -62,7 +62,7 @@ cdef class GuestMemory:
             raise MemoryRegionError(f"at most {VQ_MAX_REGIONS} regions")
         try:
             view = memoryview(buffer).cast("B")
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, BufferError) as exc:   # BufferError: read-only
             raise MemoryRegionError(f"region buffer must be writable and contiguous: {exc}") from exc
         cdef unsigned long long total = view.shape[0]
         if offset > total:
@@ -168,6 +168,8 @@ cdef class GuestMemory:
         cdef int n = vq_mem_iov(self.mem, gpa, length, iov, NULL, MAX_PIECES)
         if n == -11:
             raise AddressOverflow(f"{gpa:#x} + {length} overflows 64 bits")
+        if n == -21:
+            raise AddressOutOfBounds(f"{gpa:#x}+{length} spans more than {MAX_PIECES} regions")
         if n < 0:
             raise AddressOutOfBounds(f"{gpa:#x}+{length} is not inside guest memory")
         return [(<size_t>iov[i].iov_base, iov[i].iov_len) for i in range(n)]

@@ -159,7 +159,7 @@ class _Regions:
         """Split a buffer into ``(gpa, host_addr, length)`` pieces, one per region it
         crosses. Returns the pieces or the status code of the failure: overflow, out of
         bounds, or more than ``room`` pieces."""
-        if length > _U64 - gpa:
+        if length and length - 1 > _U64 - gpa:     # a range may end exactly at 2**64
             return E_ADDR_OVERFLOW
         out = []
         while length:
@@ -671,7 +671,7 @@ class SplitDeviceQueue(_SplitRing):
         if entries > self.size:
             self._fail(IndirectTableTooLong, f"descriptor {idx}: {entries} indirect entries",
                        code=E_INDIRECT_TOO_LONG, index=idx, addr=addr, length=entries)
-        if length > _U64 - addr:
+        if length - 1 > _U64 - addr:               # the table may end exactly at 2**64
             self._fail(AddressOverflow, f"descriptor {idx}: {addr:#x}+{length} overflows",
                        code=E_ADDR_OVERFLOW, index=idx, addr=addr, length=length)
         if not regions.inside_one(addr, length):
@@ -916,8 +916,8 @@ class SplitDriverQueue(_SplitRing):
         self._write16(self._avail_idx_addr(), self._avail_idx)
 
     def kick_needed(self):
-        """Must the device be notified of what was added since the last call?"""
-        new, old = self._avail_idx, self._kicked_at
+        """Must the device be notified of what was published since the last call?"""
+        new, old = self._read16(self._avail_idx_addr()), self._kicked_at   # published only
         self._kicked_at = new
         if new == old:
             return False

@@ -109,8 +109,10 @@ cdef class _SplitRing:
         except RingViolation as exc:
             self.violations += 1
             if self._error is None:
-                self._error = exc
-                log.warning("%s: %s; queue marked broken", self.name or "queue", exc)
+                # keep a traceback-free copy: the raised one's frames hold this queue
+                self._error = type(exc)(str(exc), code=exc.code, index=exc.index,
+                                        addr=exc.addr, length=exc.length)
+                log.warning("%s: %s; queue marked broken", self.name or "queue", str(exc))
             raise
         return -1
 

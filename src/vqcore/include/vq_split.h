@@ -294,7 +294,9 @@ static inline int vq_split_drv_add(struct vq_split_drv *q, const struct vq_batch
 static inline int vq_split_drv_kick_needed(struct vq_split_drv *q)
 {
     vq_fence_seq_cst();
-    uint16_t new_idx = q->avail_idx, old_idx = q->kicked_at;
+    /* what was published (our own avail->idx), not chains added with publish=False:
+     * counting those would move kicked_at past them and lose their kick */
+    uint16_t new_idx = vq_load_relaxed16(&q->avail->idx), old_idx = q->kicked_at;
     q->kicked_at = new_idx;
     if (new_idx == old_idx)
         return 0;
