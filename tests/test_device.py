@@ -250,13 +250,14 @@ def test_reset_drops_everything():
 
     class Dev(VirtioDevice):
         def on_reset(self) -> None:
-            resets.append(self.status)
+            # called before the queues go: a subclass can stop its workers first
+            resets.append([q is not None for q in self.queues])
 
     guest = Guest()
     dev = Dev(1, features=OFFERED, num_queues=2, queue_size=QSIZE, rules=NET_DEPENDENCIES)
     bring_up(dev, V1 | EVENT_IDX, guest)
     assert dev.write_status(0) == 0
-    assert resets == [0]
+    assert resets == [[True, True]]
     assert dev.queues == [None, None]
     assert dev.negotiated_features == 0 and dev.driver_features == 0
     assert all(qc == QueueConfig(i, QSIZE, QSIZE) for i, qc in enumerate(dev.queue_configs))

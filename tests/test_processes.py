@@ -3,8 +3,9 @@
 The test process is the driver: it creates the guest memory on a memfd
 (``os.memfd_create`` + ``mmap``), the ring in it (``SplitDriverQueue``, event idx on) and
 two eventfds (kick: driver -> device, call: device -> driver). The device is a child
-``python -c`` process that gets the three fds through ``pass_fds``, maps the same memfd
-and runs :func:`device_main` of this module. Every chain carries a 64-bit sequence
+process forked with multiprocessing's "fork" context (so it starts without importing
+and possibly rebuilding vqcore again); it inherits the three fds, maps the memfd itself
+and runs :func:`device_main`. Every chain carries a 64-bit sequence
 number (readable) and an 8-byte reply slot (writable): the device checks that each
 popped batch continues the sequence and writes back ``seq * K + 1``; the driver checks
 tokens, used lengths and replies. Each side sleeps on its eventfd only after the
@@ -15,10 +16,9 @@ and reaped if it overruns). The child must exit with status 0 and leave no zombi
 
 import itertools
 import mmap
+import multiprocessing
 import os
 import select
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -78,11 +78,12 @@ def sleep_on(fd, deadline, who, work_waiting, alive=lambda: True):
 
 # ---- the device (child process) ---------------------------------------------------------
 
-def device_main(memfd, kick_fd, call_fd, n_buffers, parent_pid):
-    """Run in the child: serve ``n_buffers`` chains; return the exit status."""
+def device_main(memfd, kick_fd, call_fd, n_buffers, parent_pid, report):
+    """Run in the child: serve ``n_buffers`` chains; return the exit status. One line
+    of report (or the error) goes to the file ``report``."""
     deadline = time.monotonic() + DEADLINE
     try:
-        mm, mem, slots, _ = map_guest(memfd)
+        mm, mem, slots, _ = map_guest(memfd)   # our own mapping of the shared memfd
         os.close(memfd)                        # the mapping keeps the memory
         dev = SplitDeviceQueue(mem, SIZE, *ADDRS[:3], event_idx=True, name="child-device")
         pb = ChainBatch(POP_BATCH)
@@ -117,18 +118,21 @@ def device_main(memfd, kick_fd, call_fd, n_buffers, parent_pid):
             raise Failure(EXIT_CHECK, "device: chains left over at the end")
         if dev.next_avail != n_buffers % 65536 or dev.next_used != n_buffers % 65536:
             raise Failure(EXIT_CHECK, f"device: indices {dev.next_avail}/{dev.next_used}")
-        print(f"device: served {expected}, slept {sleeps}, calls {calls}", file=sys.stderr)
+        print(f"device: served {expected}, slept {sleeps}, calls {calls}", file=report)
         return EXIT_OK
     except Failure as exc:
-        print(exc, file=sys.stderr)
+        print(exc, file=report)
         return exc.status
     except Exception as exc:
-        print(f"device: {exc!r}", file=sys.stderr)
+        print(f"device: {exc!r}", file=report)
         return EXIT_ERROR
 
 
-CHILD = ("import sys; sys.path.insert(0, sys.argv[1]); import test_processes as t; "
-         "sys.exit(t.device_main(*map(int, sys.argv[2:])))")
+def _child(memfd, kick_fd, call_fd, n_buffers, parent_pid, report_fd):
+    """The forked child's entry: its exit status is device_main's result."""
+    with open(report_fd, "w", closefd=False) as report:
+        status = device_main(memfd, kick_fd, call_fd, n_buffers, parent_pid, report)
+    raise SystemExit(status)
 
 
 # ---- the driver (this process) ----------------------------------------------------------
@@ -183,7 +187,7 @@ def run_driver(drv, slots, used_idx, kick_fd, call_fd, child, deadline):
             continue
         stats["sleeps"] += 1
         sleep_on(call_fd, deadline, "driver", lambda: int(used_idx[0]) != drv.last_used,
-                 alive=lambda: child.poll() is None)
+                 alive=child.is_alive)
         drv.disable_interrupts()
     return sent, got, stats
 
@@ -197,49 +201,47 @@ def test_two_processes_memfd_eventfd_million_buffers():
     # the driver sets the ring up (zeroes its headers) before the device starts
     drv = SplitDriverQueue(mem, SIZE, *ADDRS[:3], event_idx=True, name="parent-driver")
     deadline = time.monotonic() + DEADLINE
-    errlog = tempfile.TemporaryFile()
+    report = tempfile.TemporaryFile()
+    child = multiprocessing.get_context("fork").Process(
+        target=_child, name="vq-device", daemon=True,
+        args=(memfd, kick_fd, call_fd, N_BUFFERS, os.getpid(), report.fileno()))
     t0 = time.monotonic()
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, os.path.dirname(os.path.abspath(__file__)),
-         str(memfd), str(kick_fd), str(call_fd), str(N_BUFFERS), str(os.getpid())],
-        pass_fds=(memfd, kick_fd, call_fd), stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=errlog)
-    os.close(memfd)                            # both mappings stay; the fd is no longer needed
+    child.start()
+    os.close(memfd)                            # both mappings stay; the fd is not needed
+    pid = child.pid
     try:
         try:
             sent, got, stats = run_driver(drv, slots, used_idx, kick_fd, call_fd, child, deadline)
-        except Failure:
+        except BaseException:
             child.kill()
             raise
-        try:
-            status = child.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait(timeout=10)
-            raise AssertionError("the device process did not exit before the deadline")
+        child.join(timeout=max(1.0, deadline - time.monotonic()))
         elapsed = time.monotonic() - t0
-        errlog.seek(0)
-        child_err = errlog.read().decode(errors="replace")
-        assert status == EXIT_OK, f"device exited with {status}: {child_err}"
+        assert not child.is_alive(), "the device process did not exit before the deadline"
+        report.seek(0)
+        child_report = report.read().decode(errors="replace").strip()
+        assert child.exitcode == EXIT_OK, f"device exited with {child.exitcode}: {child_report}"
+        assert child_report == f"device: served {N_BUFFERS}" + child_report.split(",", 1)[0][
+            len(f"device: served {N_BUFFERS}"):] and child_report.startswith(
+            f"device: served {N_BUFFERS},"), child_report
         assert sent == got == N_BUFFERS
         assert drv.num_free == SIZE and drv.in_flight == 0
         assert drv.next_avail == drv.last_used == N_BUFFERS % 65536
         assert stats["kicks"] > 0
-        assert "served 1000000" in child_err
         print(f"\nprocesses: {N_BUFFERS} buffers in {elapsed:.2f} s "
-              f"({elapsed / N_BUFFERS * 1e9:.0f} ns/buffer) driver {stats}; {child_err.strip()}")
+              f"({elapsed / N_BUFFERS * 1e9:.0f} ns/buffer) driver {stats}; {child_report}")
     finally:
-        if child.poll() is None:
+        if child.is_alive():
             child.kill()
-        child.wait(timeout=10)
+        child.join(timeout=10)
         os.close(kick_fd)
         os.close(call_fd)
-        errlog.close()
-    # reaped: no zombie left behind
+        report.close()
+    # exited and reaped: no zombie left behind
+    assert child.exitcode is not None
     try:
-        pid, _ = os.waitpid(child.pid, os.WNOHANG)
+        reaped = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
-        pid = None
-    assert pid is None, "the device process was not reaped"
-    assert not os.path.exists(f"/proc/{child.pid}") or \
-        "Z" not in open(f"/proc/{child.pid}/stat").read().split(")")[-1].split()[0]
+        reaped = None
+    assert reaped is None, "the device process had not been reaped"
+    assert not os.path.exists(f"/proc/{pid}"), "the device process still exists"

@@ -173,7 +173,11 @@ class VirtioDevice:
         return self.status
 
     def reset(self) -> None:
-        """Device reset: status 0, no negotiated features, queues dropped and unconfigured."""
+        """Device reset: status 0, no negotiated features, queues dropped and unconfigured.
+
+        :meth:`on_reset` runs first, while the queues still exist, so a subclass stops
+        its workers before the driver can see status 0."""
+        self.on_reset()
         self._status.reset()
         self.driver_features = 0
         self._negotiated = 0
@@ -182,7 +186,6 @@ class VirtioDevice:
         self.queues = [None] * len(self.queue_configs)
         for qc in self.queue_configs:
             qc.reset()
-        self.on_reset()
 
     def needs_reset(self, reason: str) -> None:
         """The device cannot continue: set DEVICE_NEEDS_RESET and log ``reason`` once."""
@@ -414,7 +417,8 @@ class VirtioDevice:
         """Hook: the driver set DRIVER_OK and the enabled queues were created."""
 
     def on_reset(self) -> None:
-        """Hook: the device was reset."""
+        """Hook: the device is being reset; stop using the queues (they are dropped,
+        and the status cleared, right after)."""
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.name} id={self.device_id} "

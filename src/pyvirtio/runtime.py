@@ -42,8 +42,8 @@ def drain_eventfd(fd: int) -> int:
 class QueuePairConfig:
     """What a worker needs for one queue pair."""
     index: int
-    rx: SplitDeviceQueue
-    tx: SplitDeviceQueue
+    rx: SplitDeviceQueue | None          # None: that ring is not running
+    tx: SplitDeviceQueue | None
     fd: int                              # packet fd (TAP queue fd), non-blocking
     rx_kick: int                         # eventfds (the guest's kicks / our interrupts)
     tx_kick: int
@@ -55,6 +55,9 @@ class QueuePairConfig:
     hdr_len: int = 12
     poll: bool = False
     burst: int = 256
+    #: a started but disabled ring (vhost-user): TX is discarded, RX supplies nothing
+    rx_enabled: bool = True
+    tx_enabled: bool = True
     on_violation: Callable[[int, str, BaseException], None] | None = None
     rx_stats: NetStats = field(default_factory=NetStats)
     tx_stats: NetStats = field(default_factory=NetStats)
@@ -68,14 +71,23 @@ class QueuePairWorker(threading.Thread):
         self.cfg = cfg
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
-        self._rx_batch = ChainBatch(max(cfg.rx.size, 64), max(4 * cfg.rx.size, 1024))
-        self._tx_batch = ChainBatch(min(cfg.burst, max(cfg.tx.size, 1)), max(4 * cfg.tx.size, 1024))
-        self._rx_dead = False
-        self._tx_dead = False
+        rx_size = cfg.rx.size if cfg.rx is not None else 64
+        tx_size = cfg.tx.size if cfg.tx is not None else 64
+        self._rx_batch = ChainBatch(max(rx_size, 64), max(4 * rx_size, 1024))
+        self._tx_batch = ChainBatch(min(cfg.burst, tx_size), max(4 * tx_size, 1024))
+        self._rx_dead = cfg.rx is None
+        self._tx_dead = cfg.tx is None
         self._fd_watched = True
         self.error: BaseException | None = None
 
     # ---- control ------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make the worker look at its rings and flags again (after enabling a ring)."""
+        try:
+            os.eventfd_write(self._stop_fd, 1)
+        except OSError:
+            pass
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to finish and wait for it; closes its stop eventfd."""
@@ -102,11 +114,16 @@ class QueuePairWorker(threading.Thread):
         ep = select.epoll()
         try:
             ep.register(self._stop_fd, select.EPOLLIN)
-            ep.register(cfg.tx_kick, select.EPOLLIN)
-            ep.register(cfg.rx_kick, select.EPOLLIN)
-            ep.register(cfg.fd, select.EPOLLIN)
-            cfg.tx.enable_notification()
-            cfg.rx.enable_notification()
+            if cfg.tx is not None and cfg.tx_kick >= 0:
+                ep.register(cfg.tx_kick, select.EPOLLIN)
+                cfg.tx.enable_notification()
+            if cfg.rx is not None:
+                if cfg.rx_kick >= 0:
+                    ep.register(cfg.rx_kick, select.EPOLLIN)
+                ep.register(cfg.fd, select.EPOLLIN)
+                cfg.rx.enable_notification()
+            else:
+                self._fd_watched = False
             while not self._stopping:
                 timeout = 0 if cfg.poll else -1
                 events = ep.poll(timeout)
@@ -119,9 +136,14 @@ class QueuePairWorker(threading.Thread):
                         drain_eventfd(fd)
                     elif fd == self._stop_fd:
                         drain_eventfd(fd)
+                        rx_kicked = True          # woken: look at every ring again
                 if self._stopping:
                     break
-                if rx_kicked and not self._fd_watched:
+                if not cfg.rx_enabled and self._fd_watched:
+                    ep.modify(cfg.fd, 0)           # disabled RX: leave frames in the fd
+                    self._fd_watched = False
+                elif (rx_kicked and cfg.rx_enabled and not self._fd_watched
+                      and not self._rx_dead):
                     ep.modify(cfg.fd, select.EPOLLIN)
                     self._fd_watched = True
                 more = True
@@ -151,8 +173,8 @@ class QueuePairWorker(threading.Thread):
         try:
             for _ in range(BURSTS_PER_TURN):
                 cfg.tx.disable_notification()
-                tx_burst(cfg.tx, self._tx_batch, cfg.fd, cfg.tx_stats, hdr_len=cfg.hdr_len,
-                         call_fd=cfg.tx_call)
+                tx_burst(cfg.tx, self._tx_batch, cfg.fd if cfg.tx_enabled else -1,
+                         cfg.tx_stats, hdr_len=cfg.hdr_len, call_fd=cfg.tx_call)
                 if cfg.tx_stats.ring_empty and not cfg.tx.enable_notification():
                     return False
             return True
@@ -163,7 +185,7 @@ class QueuePairWorker(threading.Thread):
     def _serve_rx(self, ep: select.epoll) -> bool:
         """Move frames from the fd into the guest; True if it should be looked at again."""
         cfg = self.cfg
-        if self._rx_dead or not self._fd_watched:
+        if self._rx_dead or not self._fd_watched or not cfg.rx_enabled:
             return False
         st = cfg.rx_stats
         try:

@@ -191,6 +191,9 @@ def tx_burst(SplitDeviceQueue queue not None, ChainBatch batch not None, int fd,
              NetStats stats not None, *, unsigned int hdr_len=12, int call_fd=-1):
     """Send up to ``batch.max_chains`` TX chains to ``fd``; returns frames sent.
 
+    With ``fd < 0`` every chain is returned unsent and counted as dropped (a started
+    but disabled ring: vhost-user's "process and discard TX").
+
     A chain shorter than the virtio-net header is a guest violation
     (:class:`~vqcore.errors.NetHeaderError`): the chains before it are still sent and
     returned, the queue is marked broken and the error raised.

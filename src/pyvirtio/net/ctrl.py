@@ -336,7 +336,7 @@ class ControlQueue:
     # ---- the commands ------------------------------------------------------------------
 
     def _need(self, feature: NetFeature) -> None:
-        if False:
+        if not self.target.negotiated_features & feature:
             raise _Refused(CtrlError.NOT_NEGOTIATED, f"VIRTIO_NET_F_{feature.name} not "
                            "negotiated")
 

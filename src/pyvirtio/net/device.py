@@ -77,12 +77,14 @@ class NetDevice(VirtioDevice):
             control-queue features when ``ctrl_queue``, plus MQ when ``max_pairs > 1``.
         ctrl_queue: whether the device has a control queue.
         poll: busy-poll workers (never sleep) instead of epoll waits.
+        rules: feature dependency rules (default :data:`NET_DEPENDENCIES`; a vhost-user
+            backend drops the control-queue ones, since the front-end keeps that queue).
     """
 
     def __init__(self, backend: PacketBackend, *, mac: bytes = b"\x52\x54\x00\x12\x34\x56",
                  mtu: int = 1500, max_pairs: int = 1, queue_size: int = 256,
                  features: int | None = None, ctrl_queue: bool = True, poll: bool = False,
-                 name: str = "virtio-net") -> None:
+                 rules: dict | None = None, name: str = "virtio-net") -> None:
         if max_pairs < 1:
             raise ValueError("max_pairs must be >= 1")
         if len(backend.fds) < max_pairs:
@@ -101,13 +103,16 @@ class NetDevice(VirtioDevice):
         self.rx_filter = NetRxFilter(mac)
         num_queues = 2 * max_pairs + (1 if ctrl_queue else 0)
         super().__init__(VIRTIO_ID_NET, features=features, num_queues=num_queues,
-                         queue_size=queue_size, rules=NET_DEPENDENCIES, name=name)
+                         queue_size=queue_size,
+                         rules=NET_DEPENDENCIES if rules is None else rules, name=name)
         self.net_config.on_change = self.config_changed
         flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
         #: per queue: the eventfd the driver kicks and the one we signal (interrupt)
         self.kick_fds = [os.eventfd(0, flags) for _ in range(num_queues)]
         self.call_fds = [os.eventfd(0, flags) for _ in range(num_queues)]
         self.workers: dict[int, QueuePairWorker] = {}
+        #: per queue: False while a started ring is disabled (vhost-user)
+        self.ring_enabled = [True] * num_queues
         self._pair_stats: list[tuple[NetStats, NetStats]] = [
             (NetStats(), NetStats()) for _ in range(max_pairs)]
         self.active_pairs = 1
@@ -238,11 +243,46 @@ class NetDevice(VirtioDevice):
             return GSO_FRAME_MAX + HDR_LEN
         return self.net_config.mtu + 14 + 4 + HDR_LEN
 
+    def set_kick_fd(self, index: int, fd: int) -> None:
+        """Use ``fd`` (an eventfd the device now owns) for the driver's kicks of queue
+        ``index``; the old one is closed. Restart the pair for it to take effect."""
+        old, self.kick_fds[index] = self.kick_fds[index], fd
+        if old != fd:
+            os.close(old)
+
+    def set_call_fd(self, index: int, fd: int) -> None:
+        """Use ``fd`` (an eventfd the device now owns) to interrupt the driver for queue
+        ``index``; the old one is closed. Restart the pair for it to take effect."""
+        old, self.call_fds[index] = self.call_fds[index], fd
+        if old != fd:
+            os.close(old)
+
+    def start_pair(self, pair: int) -> None:
+        """Start the worker of ``pair`` over whichever of its queues run."""
+        with self._lock:
+            self._start_worker(pair)
+
+    def stop_pair(self, pair: int) -> None:
+        """Stop the worker of ``pair`` (its queues keep their state)."""
+        with self._lock:
+            self._stop_worker(pair)
+
+    def set_ring_enabled(self, index: int, enabled: bool) -> None:
+        """vhost-user SET_VRING_ENABLE: a disabled ring discards TX / supplies no RX."""
+        self.ring_enabled[index] = bool(enabled)
+        worker = self.workers.get(index // 2)
+        if worker is not None:
+            if index % 2:
+                worker.cfg.tx_enabled = bool(enabled)
+            else:
+                worker.cfg.rx_enabled = bool(enabled)
+            worker.wake()
+
     def _start_worker(self, pair: int) -> None:
         if pair in self.workers:
             return
         rx, tx = self.queues[self.rx_index(pair)], self.queues[self.tx_index(pair)]
-        if rx is None or tx is None:
+        if rx is None and tx is None:
             log.debug("%s: pair %d not started (queues not enabled)", self.name, pair)
             return
         rx_stats, tx_stats = self._pair_stats[pair]
@@ -253,7 +293,9 @@ class NetDevice(VirtioDevice):
             rx_filter=self.rx_filter,
             mrg_rxbuf=bool(self.negotiated_features & NetFeature.MRG_RXBUF),
             max_frame=self._max_frame(), poll=self.poll,
-            on_violation=self._on_violation, rx_stats=rx_stats, tx_stats=tx_stats)
+            on_violation=self._on_violation, rx_stats=rx_stats, tx_stats=tx_stats,
+            rx_enabled=self.ring_enabled[self.rx_index(pair)],
+            tx_enabled=self.ring_enabled[self.tx_index(pair)])
         worker = QueuePairWorker(cfg)
         self.workers[pair] = worker
         worker.start()

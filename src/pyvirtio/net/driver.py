@@ -51,9 +51,22 @@ class DriverQueue:
     call_fd: int = -1
     free: list[int] = field(default_factory=list)     # free slot tokens
     kicks: int = 0
+    replay: "Replay | None" = None                     # the load-generation fast path
 
     def slot(self, token: int) -> int:
         return self.buf_addr + token * self.slot_size
+
+
+@dataclass
+class Replay:
+    """The load-generation fast path of one queue (:meth:`NetDriver.replay_start`):
+    pre-built chains over every slot, ``chunk`` slots per template batch, re-added per
+    batch in slot order; the device must use them in order (this library's does)."""
+    templates: list[ChainBatch]   # template j covers slots [j*chunk, (j+1)*chunk)
+    scratch: ChainBatch           # reclaim target
+    chunk: int
+    next_add: int = 0             # template to add next
+    next_back: int = 0            # slot expected back next
 
 
 class Allocator:
@@ -316,6 +329,102 @@ class NetDriver:
             dq.queue.disable_interrupts()
         return True
 
+    # ---- load generation: pre-written slots re-used per batch ------------------------------
+
+    def replay_start(self, index: int, frame: bytes | None = None, *,
+                     header: bytes = bytes(HDR_LEN), chunk: int | None = None) -> None:
+        """Turn queue ``index`` (rx = ``2*pair``, tx = ``2*pair + 1``) into a load
+        generator for :meth:`replay`: nothing per frame in Python afterwards.
+
+        TX: ``header + frame`` is written once into every slot; nothing may be in
+        flight. RX: every slot must be posted in slot order (as :meth:`attach` leaves
+        it), or none (the first :meth:`replay` posts them); frames received are never
+        looked at. ``chunk`` (a divisor of the
+        queue size; default: half the queue for TX, a sixteenth for RX) is how many
+        slots are added at a time."""
+        dq = self._queue(index)
+        is_tx = index % 2 == 1 and dq is not self.ctrlq
+        n = dq.slots
+        chunk = chunk or max(1, n // 2 if is_tx else n // 16)
+        if n % chunk:
+            raise ValueError(f"chunk {chunk} does not divide the queue size {n}")
+        if is_tx:
+            if frame is None:
+                raise ValueError("a TX replay needs a frame")
+            if dq.queue.in_flight or len(dq.free) != n:
+                raise NetDriverError(f"queue {index}: TX replay needs an idle queue")
+            data = np.frombuffer(bytes(header) + bytes(frame), np.uint8)
+            if len(data) > dq.slot_size:
+                raise ValueError(f"frame of {len(data)} bytes exceeds the "
+                                 f"{dq.slot_size}-byte slot")
+            slots = self.memory.array(dq.buf_addr, n * dq.slot_size).reshape(n, dq.slot_size)
+            slots[:, :len(data)] = data
+            length, readable, first_back = len(data), 1, 0
+            dq.free.clear()
+        else:
+            if dq.free == list(range(n)) and not dq.queue.in_flight:
+                dq.free.clear()       # nothing posted yet: the first replay() posts all
+            elif dq.free or dq.queue.in_flight != n:
+                raise NetDriverError(f"queue {index}: RX replay needs every buffer posted "
+                                     "in slot order, or none")
+            length, readable, first_back = dq.slot_size, 0, 0
+        templates = []
+        for j in range(n // chunk):
+            tokens = np.arange(j * chunk, (j + 1) * chunk, dtype=np.uint64)
+            b = ChainBatch(chunk)
+            b.load(dq.buf_addr + tokens * dq.slot_size, np.full(chunk, length),
+                   np.ones(chunk), np.full(chunk, readable), tokens)
+            templates.append(b)
+        dq.replay = Replay(templates, ChainBatch(n), chunk, next_back=first_back)
+
+    def replay(self, index: int) -> int:
+        """Reclaim what the device used on queue ``index`` and re-add the same slots, a
+        chunk at a time, kicking when needed; returns how many chains came back. Raises
+        :class:`NetDriverError` when the device used the chains out of order."""
+        dq = self._queue(index)
+        r = dq.replay
+        if r is None:
+            raise NetDriverError(f"queue {index}: replay_start() first")
+        q = dq.queue
+        got = q.reclaim(r.scratch)
+        if got:
+            if int(r.scratch.tokens[0]) != r.next_back:
+                raise NetDriverError(f"queue {index}: chains used out of order, replay "
+                                     "needs in-order use")
+            r.next_back = (r.next_back + got) % dq.slots
+        added = False
+        while q.num_free >= r.chunk:
+            q.add(r.templates[r.next_add], publish=False)
+            r.next_add = (r.next_add + 1) % len(r.templates)
+            added = True
+        if added:
+            q.publish()
+            self._kick(dq)
+        return got
+
+    def replay_stop(self, index: int, timeout: float = 5.0) -> bool:
+        """End the fast path on queue ``index``: a TX queue waits until everything sent
+        came back (False on timeout); then every slot is free again (TX) or still
+        posted (RX) for the ordinary calls."""
+        dq = self._queue(index)
+        r = dq.replay
+        if r is None:
+            return True
+        is_tx = index % 2 == 1 and dq is not self.ctrlq
+        deadline = time.monotonic() + timeout
+        while is_tx and dq.queue.in_flight:
+            q = dq.queue
+            if not q.reclaim(r.scratch):
+                if time.monotonic() > deadline:
+                    return False
+                if not q.enable_interrupts():
+                    self.wait(dq.call_fd, 0.05)
+                q.disable_interrupts()
+        dq.replay = None
+        if is_tx:
+            dq.free = list(range(dq.slots))
+        return True
+
     # ---- control queue ----------------------------------------------------------------------
 
     def ctrl_command(self, cls: int, cmd: int, data: bytes = b"", timeout: float = 5.0) -> int:
@@ -347,4 +456,4 @@ class NetDriver:
             dq.queue.disable_interrupts()
 
 
-__all__ = ["NetDriver", "NetDriverError", "DriverQueue", "Allocator"]
+__all__ = ["NetDriver", "NetDriverError", "DriverQueue", "Replay", "Allocator"]

@@ -176,8 +176,8 @@ static inline int vq_net_tx_burst(struct vq_split_dev *q, struct vq_batch *b, in
             i++;                /* return this chain too, with length 0 */
             break;
         }
-        if (nr > VQ_NET_MAX_IOV) {
-            st->dropped++;
+        if (nr > VQ_NET_MAX_IOV || fd < 0) {
+            st->dropped++;      /* too many segments, or a disabled ring: discard */
             continue;
         }
         ssize_t w;
