@@ -221,9 +221,7 @@ def test_two_processes_memfd_eventfd_million_buffers():
         report.seek(0)
         child_report = report.read().decode(errors="replace").strip()
         assert child.exitcode == EXIT_OK, f"device exited with {child.exitcode}: {child_report}"
-        assert child_report == f"device: served {N_BUFFERS}" + child_report.split(",", 1)[0][
-            len(f"device: served {N_BUFFERS}"):] and child_report.startswith(
-            f"device: served {N_BUFFERS},"), child_report
+        assert child_report.startswith(f"device: served {N_BUFFERS},"), child_report
         assert sent == got == N_BUFFERS
         assert drv.num_free == SIZE and drv.in_flight == 0
         assert drv.next_avail == drv.last_used == N_BUFFERS % 65536

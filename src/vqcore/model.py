@@ -500,11 +500,13 @@ class _SplitRing:
         self._fail(cls, message, code=code, index=index, addr=addr, length=length)
 
     def _fail(self, cls, message, *, code, index=0, addr=0, length=0):
-        exc = cls(f"{self.name}: {message}", code=code, index=index, addr=addr, length=length)
+        detail = dict(code=code, index=index, addr=addr, length=length)
+        exc = cls(f"{self.name}: {message}", **detail)
         if isinstance(exc, RingViolation):
             self.violations += 1
             if self._error is None:
-                self._error = exc
+                # a copy without a traceback: the raised one's frames hold this queue
+                self._error = cls(str(exc), **detail)
                 log.warning("%s: %s; queue marked broken", self.name, exc)
         raise exc
 

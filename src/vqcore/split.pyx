@@ -112,7 +112,7 @@ cdef class _SplitRing:
                 # keep a traceback-free copy: the raised one's frames hold this queue
                 self._error = type(exc)(str(exc), code=exc.code, index=exc.index,
                                         addr=exc.addr, length=exc.length)
-                log.warning("%s: %s; queue marked broken", self.name or "queue", str(exc))
+                log.warning("%s; queue marked broken", str(exc))
             raise
         return -1
 

@@ -268,17 +268,14 @@ class Guest:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call_fds(self, kind: str) -> list[int]:
-        """The interrupt eventfds of the pairs' ``"rx"`` or ``"tx"`` queues."""
-        queues = self.driver.rx if kind == "rx" else self.driver.tx
-        return [dq.call_fd for dq in queues[:self.pairs]]
-
-    def wait(self, indexes: Sequence[int], fds: Sequence[int], timeout: float) -> None:
-        """Sleep until one of the queues interrupts (unless used chains already wait)."""
-        for i in indexes:
-            if self.driver._queue(i).queue.enable_interrupts():
+    def wait(self, kind: str, timeout: float) -> None:
+        """Sleep until one of the pairs' ``"rx"`` or ``"tx"`` queues interrupts (unless
+        used chains already wait there)."""
+        queues = (self.driver.rx if kind == "rx" else self.driver.tx)[:self.pairs]
+        for dq in queues:
+            if dq.queue.enable_interrupts():
                 return
-        ready, _, _ = select.select(list(fds), [], [], timeout)
+        ready, _, _ = select.select([dq.call_fd for dq in queues], [], [], timeout)
         for fd in ready:
             try:
                 os.eventfd_read(fd)
@@ -299,7 +296,6 @@ def tx_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> 
         frame = tx_frame(size)
         for i in tx:
             drv.replay_start(i, frame)
-        fds = g.call_fds("tx")
         per_pair = frames // pairs
         done = [0] * pairs
         c0 = bench.counters()
@@ -309,7 +305,7 @@ def tx_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> 
         while min(done) < per_pair:
             for p, i in enumerate(tx):
                 done[p] += drv.replay(i)
-            g.wait(tx, fds, 0.05)
+            g.wait("tx", 0.05)
         t1 = time.perf_counter()
         for i in tx:
             if not drv.replay_stop(i):
@@ -331,7 +327,6 @@ def rx_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> 
         rx = [2 * p for p in range(pairs)]
         for i in rx:
             drv.replay_start(i)
-        fds = g.call_fds("rx")
         injectors = _Injectors(bench, size, sports, frames // pairs)
         c0 = bench.counters()
         injectors.start()
@@ -339,7 +334,7 @@ def rx_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> 
         while injectors.running():
             for i in rx:
                 received += drv.replay(i)
-            g.wait(rx, fds, 0.01)
+            g.wait("rx", 0.01)
         seconds = injectors.join()
         c1 = bench.counters()
     return (c1["tx_packets"] - c0["tx_packets"]) / seconds
@@ -436,7 +431,6 @@ def rx_drain_ours(bench: TapBench, size: int, pairs: int, poll: bool, per_queue:
         rx = [2 * p for p in range(pairs)]
         for i in rx:
             drv.replay_start(i)
-        fds = g.call_fds("rx")
         c0 = bench.counters()
         t0 = time.perf_counter()
         deadline = t0 + 30.0
@@ -447,7 +441,7 @@ def rx_drain_ours(bench: TapBench, size: int, pairs: int, poll: bool, per_queue:
             for i in rx:
                 received += drv.replay(i)
             if received < queued:
-                g.wait(rx, fds, 0.05)
+                g.wait("rx", 0.05)
         t1 = time.perf_counter()
         c1 = bench.counters()
     if received < queued:
