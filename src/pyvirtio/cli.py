@@ -1,10 +1,13 @@
-"""The ``pyvirtio`` command."""
+"""The ``pyvirtio`` command: ``pyvirtio net`` (a vhost-user-net back-end) and
+``pyvirtio bench`` (the benchmark suite)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import sys
 
 log = logging.getLogger("pyvirtio")
@@ -32,6 +35,120 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mac_address(text: str) -> bytes:
+    """argparse type: ``52:54:00:12:34:56`` -> 6 bytes (unicast, not all zeros)."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 6 or any(len(p) != 2 for p in parts):
+            raise ValueError
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a MAC address like 52:54:00:12:34:56") from None
+    if mac[0] & 1:
+        raise argparse.ArgumentTypeError(f"{text} is a multicast address, not a device's")
+    if mac == bytes(6):
+        raise argparse.ArgumentTypeError("00:00:00:00:00:00 is not a device's address")
+    return mac
+
+
+def _check_net(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate ``pyvirtio net`` arguments beyond argparse (exits 2 on an error)."""
+    from pyvirtio import netns
+    from pyvirtio.backends.tap import MAX_TAP_QUEUES, TapError, check_ifname
+    from pyvirtio.vhost_user.backend import MAX_QUEUE_PAIRS, MTU_MAX, MTU_MIN
+    from pyvirtio.vhost_user.server import ServerError, check_socket_fd, check_socket_path
+
+    if args.print_capabilities:
+        return                      # vhost-user.rst: other options are ignored
+    if (args.socket_path is None) == (args.fd is None):
+        parser.error("give one of --socket-path PATH and --fd FD")
+    if not (args.tap is not None or args.sink or args.loopback):
+        parser.error("choose where packets go: --tap NAME, --sink or --loopback")
+    limit = min(MAX_QUEUE_PAIRS, MAX_TAP_QUEUES) if args.tap is not None else MAX_QUEUE_PAIRS
+    if not 1 <= args.queues <= limit:
+        parser.error(f"--queues {args.queues}: must be 1..{limit}")
+    mtu_max = 65521 if args.tap is not None else MTU_MAX    # a TAP's MTU ends at 65521
+    if args.mtu is not None and not MTU_MIN <= args.mtu <= mtu_max:
+        parser.error(f"--mtu {args.mtu}: must be {MTU_MIN}..{mtu_max}")
+    if args.message_timeout <= 0:
+        parser.error("--message-timeout must be positive")
+    if args.tap is not None:
+        try:
+            check_ifname(args.tap)
+        except TapError as exc:
+            parser.error(f"--tap: {exc}")
+    if args.netns is not None:
+        if args.tap is None:
+            parser.error("--netns applies to --tap only")
+        if not netns.exists(args.netns):
+            parser.error(f"--netns: network namespace {args.netns!r} does not exist")
+    try:
+        if args.socket_path is not None:
+            check_socket_path(args.socket_path)
+        else:
+            check_socket_fd(args.fd)
+    except ServerError as exc:
+        parser.error(f"{'--socket-path' if args.fd is None else '--fd'}: {exc}")
+
+
+def _open_packet_end(args: argparse.Namespace):
+    """The packet backend ``pyvirtio net`` was asked for."""
+    mtu = args.mtu if args.mtu is not None else 1500
+    if args.tap is not None:
+        from pyvirtio.backends.tap import Tap
+        return Tap.create(args.tap, args.queues, netns=args.netns, mtu=args.mtu)
+    if args.sink:
+        from pyvirtio.backends.sink import Sink
+        return Sink(args.queues, mtu=mtu)
+    from pyvirtio.backends.loopback import Loopback
+    return Loopback(args.queues, mtu=mtu)
+
+
+def _net(args: argparse.Namespace) -> int:
+    from pyvirtio.vhost_user.backend import VhostUserNetBackend, capabilities
+    from pyvirtio.vhost_user.server import VhostUserServer
+
+    if args.print_capabilities:
+        sys.stdout.write(json.dumps(capabilities(), indent=2) + "\n")
+        return 0
+    state: dict[str, object] = {"stop": False, "server": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        state["stop"] = True
+        server = state["server"]
+        if server is not None:
+            server.shutdown()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    packet = backend = server = None
+    try:
+        packet = _open_packet_end(args)
+        backend = VhostUserNetBackend(packet, queues=args.queues, mac=args.mac,
+                                      mtu=args.mtu if args.mtu is not None else 1500,
+                                      poll=args.poll)
+        server = VhostUserServer(backend, socket_path=args.socket_path, fd=args.fd,
+                                 message_timeout=args.message_timeout)
+        state["server"] = server
+        if state["stop"]:
+            server.shutdown()
+        server.serve_forever()
+        return 0
+    except OSError as exc:          # TapError, ServerError, NetnsError, ...
+        log.error("%s", exc)
+        return 1
+    finally:
+        for obj in (server, backend, packet):
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception as exc:  # noqa: BLE001 - clean up the rest regardless
+                    log.error("closing %r: %s", obj, exc)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyvirtio", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -42,6 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="write environment and raw samples as JSON")
     b.add_argument("--only", nargs="+", metavar="LEVEL", help="levels to run (default: all)")
     b.set_defaults(func=_bench)
+
+    n = sub.add_parser(
+        "net", help="run a vhost-user-net back-end",
+        description="A vhost-user-net back-end (QEMU docs/interop/vhost-user.rst, "
+                    "backend program conventions). It serves one front-end at a time and "
+                    "listens again when it disconnects; SIGINT/SIGTERM end it cleanly.")
+    n.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging")
+    where = n.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
+    where.add_argument("--fd", type=int, metavar="FD",
+                       help="use this inherited socket (listening or connected)")
+    n.add_argument("--print-capabilities", action="store_true",
+                   help="print the back-end capabilities as JSON and exit")
+    end = n.add_mutually_exclusive_group()
+    end.add_argument("--tap", metavar="NAME", help="a TAP interface (created if missing)")
+    end.add_argument("--sink", action="store_true", help="count and drop every TX frame")
+    end.add_argument("--loopback", action="store_true", help="return every TX frame as RX")
+    n.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs (default 1)")
+    n.add_argument("--netns", metavar="NS", help="the network namespace of the TAP")
+    n.add_argument("--mac", type=_mac_address, default=b"\x52\x54\x00\x12\x34\x56",
+                   metavar="MAC", help="the device's MAC (default 52:54:00:12:34:56)")
+    n.add_argument("--mtu", type=int, default=None, metavar="BYTES",
+                   help="the MTU given to the guest (and set on the TAP); default 1500")
+    n.add_argument("--poll", action="store_true",
+                   help="busy-poll the rings (one core per queue pair)")
+    n.add_argument("--message-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="time a front-end may take to finish a message (default 5)")
+    n.set_defaults(func=_net, check=_check_net, parser=n)
     return p
 
 
@@ -50,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     # numpy's BLAS threads only steal cores from the benchmarks
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = build_parser().parse_args(argv)
+    check = getattr(args, "check", None)
+    if check is not None:
+        check(args.parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return args.func(args)

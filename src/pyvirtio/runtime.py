@@ -124,8 +124,10 @@ class QueuePairWorker(threading.Thread):
                 cfg.rx.enable_notification()
             else:
                 self._fd_watched = False
-            while not self._stopping:
-                timeout = 0 if cfg.poll else -1
+            first = True      # look at the rings once before sleeping: a kick drained by
+            while not self._stopping:   # a worker stopped meanwhile would be lost
+                timeout = 0 if (cfg.poll or first) else -1
+                first = False
                 events = ep.poll(timeout)
                 rx_kicked = False
                 for fd, _ in events:

@@ -2,7 +2,7 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from vqcore.batch cimport vq_batch
-from vqcore.split cimport vq_split_dev
+from vqcore.queue cimport vq_dev
 
 cdef extern from "vq_net.h" nogil:
     enum:
@@ -20,9 +20,9 @@ cdef extern from "vq_net.h" nogil:
         uint64_t packets, bytes, dropped, errors, filtered, bursts, notifications, no_room
         int last_errno, tap_empty, ring_empty
     int vq_net_filter_accepts(const vq_net_filter *f, const uint8_t *eth, uint32_t len)
-    int vq_net_tx_burst(vq_split_dev *q, vq_batch *b, int fd, uint32_t hdr_len, int call_fd,
+    int vq_net_tx_burst(vq_dev *q, vq_batch *b, int fd, uint32_t hdr_len, int call_fd,
                         vq_net_stats *st)
-    int vq_net_rx_burst(vq_split_dev *q, vq_batch *b, int fd, uint32_t hdr_len, int mrg_rxbuf,
+    int vq_net_rx_burst(vq_dev *q, vq_batch *b, int fd, uint32_t hdr_len, int mrg_rxbuf,
                         uint32_t max_frame, const vq_net_filter *f, uint32_t max_packets,
                         int call_fd, vq_net_stats *st)
 

@@ -1,7 +1,7 @@
 from typing import Sequence
 
 from vqcore.batch import ChainBatch
-from vqcore.split import SplitDeviceQueue
+from vqcore.queue import DeviceQueue
 
 HDR_LEN: int
 MAC_TABLE_ENTRIES: int
@@ -55,9 +55,9 @@ class NetStats:
     def reset(self) -> None: ...
     def as_dict(self) -> dict[str, int]: ...
 
-def tx_burst(queue: SplitDeviceQueue, batch: ChainBatch, fd: int, stats: NetStats, *,
+def tx_burst(queue: DeviceQueue, batch: ChainBatch, fd: int, stats: NetStats, *,
              hdr_len: int = 12, call_fd: int = -1) -> int: ...
-def rx_burst(queue: SplitDeviceQueue, batch: ChainBatch, fd: int, stats: NetStats,
+def rx_burst(queue: DeviceQueue, batch: ChainBatch, fd: int, stats: NetStats,
              rx_filter: NetRxFilter | None = None, *, mrg_rxbuf: bool = False,
              max_frame: int = 65562, hdr_len: int = 12, max_packets: int = 64,
              call_fd: int = -1) -> int: ...

@@ -12,7 +12,7 @@ notification suppression asks for it.
 from libc.string cimport memcpy, memset
 
 from vqcore.batch cimport ChainBatch
-from vqcore.split cimport SplitDeviceQueue
+from vqcore.queue cimport DeviceQueue
 
 HDR_LEN = 12
 MAC_TABLE_ENTRIES = VQ_NET_MAC_TABLE
@@ -187,7 +187,7 @@ cdef class NetStats:
         return f"<NetStats {self.as_dict()}>"
 
 
-def tx_burst(SplitDeviceQueue queue not None, ChainBatch batch not None, int fd,
+def tx_burst(DeviceQueue queue not None, ChainBatch batch not None, int fd,
              NetStats stats not None, *, unsigned int hdr_len=12, int call_fd=-1):
     """Send up to ``batch.max_chains`` TX chains to ``fd``; returns frames sent.
 
@@ -200,13 +200,13 @@ def tx_burst(SplitDeviceQueue queue not None, ChainBatch batch not None, int fd,
     """
     cdef int rc
     with nogil:
-        rc = vq_net_tx_burst(&queue.q, &batch.b, fd, hdr_len, call_fd, &stats.s)
+        rc = vq_net_tx_burst(&queue.h, &batch.b, fd, hdr_len, call_fd, &stats.s)
     if rc < 0:
-        queue._raise(&queue.q.err)
+        queue._raise(queue.h.err)
     return rc
 
 
-def rx_burst(SplitDeviceQueue queue not None, ChainBatch batch not None, int fd,
+def rx_burst(DeviceQueue queue not None, ChainBatch batch not None, int fd,
              NetStats stats not None, NetRxFilter rx_filter=None, *, bint mrg_rxbuf=False,
              unsigned int max_frame=65562, unsigned int hdr_len=12,
              unsigned int max_packets=64, int call_fd=-1):
@@ -217,8 +217,8 @@ def rx_burst(SplitDeviceQueue queue not None, ChainBatch batch not None, int fd,
     cdef int rc
     cdef const vq_net_filter *fp = NULL if rx_filter is None else &rx_filter.f
     with nogil:
-        rc = vq_net_rx_burst(&queue.q, &batch.b, fd, hdr_len, mrg_rxbuf, max_frame, fp,
+        rc = vq_net_rx_burst(&queue.h, &batch.b, fd, hdr_len, mrg_rxbuf, max_frame, fp,
                              max_packets, call_fd, &stats.s)
     if rc < 0:
-        queue._raise(&queue.q.err)
+        queue._raise(queue.h.err)
     return rc

@@ -1,10 +1,11 @@
 from vqcore.batch import ChainBatch
 from vqcore.memory import GuestMemory
-from vqcore.split import SplitDeviceQueue, SplitDriverQueue
+from vqcore.queue import DeviceQueue, DriverQueue
+from vqcore.split import SplitDeviceQueue
 
 class PingPongError(RuntimeError): ...
 
-def pingpong(driver: SplitDriverQueue, device: SplitDeviceQueue, template: ChainBatch,
+def pingpong(driver: DriverQueue, device: DeviceQueue, template: ChainBatch,
              total: int, *, batch: int = 0, eventfd: bool = False,
              timeout: float = 120.0) -> dict[str, float]: ...
 def device_loop(device: SplitDeviceQueue, batch: ChainBatch, iterations: int,

@@ -21,11 +21,8 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from vqcore.batch cimport ChainBatch, vq_batch
 from vqcore.memory cimport GuestMemory
-from vqcore.split cimport (SplitDeviceQueue, SplitDriverQueue, vq_split_dev, vq_split_drv,
-                           vq_split_pop, vq_split_push, vq_split_needs_notification,
-                           vq_split_enable_notification, vq_split_disable_notification,
-                           vq_split_drv_add, vq_split_drv_kick_needed, vq_split_drv_reclaim,
-                           vq_split_drv_enable_interrupts, vq_split_drv_disable_interrupts)
+from vqcore.queue cimport DeviceQueue, DriverQueue, vq_dev, vq_drv
+from vqcore.split cimport SplitDeviceQueue, vq_split_dev, vq_split_pop, vq_split_push
 
 cdef extern from "vq_ring.h" nogil:
     void vq_store_release16(uint16_t *p, uint16_t v)
@@ -94,7 +91,7 @@ cdef struct pp_stats:
     double t_end
 
 
-cdef int _driver_run(vq_split_drv *q, vq_batch *tmpl, vq_batch *rb, uint64_t total,
+cdef int _driver_run(vq_drv *q, vq_batch *tmpl, vq_batch *rb, uint64_t total,
                      uint32_t batch, int kick_fd, int call_fd, volatile int *go,
                      double deadline, pp_stats *st) noexcept nogil:
     cdef uint64_t started = 0, completed = 0
@@ -103,37 +100,37 @@ cdef int _driver_run(vq_split_drv *q, vq_batch *tmpl, vq_batch *rb, uint64_t tot
     while go[0] == 0:
         vq_cpu_relax()
     if call_fd >= 0:
-        vq_split_drv_disable_interrupts(q)
+        q.ops.disable_interrupts(q.q)
     while completed < total:
         added = 0
         n = batch
-        if n > q.num_free:
-            n = q.num_free
+        if n > q.num_free[0]:
+            n = q.num_free[0]
         if n > total - started:
             n = <uint32_t>(total - started)
         if n:
             tmpl.count = n
-            added = vq_split_drv_add(q, tmpl, 0, 0, 1)
+            added = q.ops.add(q.q, tmpl, 0, 0, 1)
             if added < 0:
                 st.rc = added
                 return added
             started += <uint64_t>added
-            if kick_fd >= 0 and vq_split_drv_kick_needed(q):
+            if kick_fd >= 0 and q.ops.kick_needed(q.q):
                 _signal_fd(kick_fd)
                 st.notifies += 1
-        r = vq_split_drv_reclaim(q, rb)
+        r = q.ops.reclaim(q.q, rb)
         if r < 0:
             st.rc = r
             return r
         completed += <uint64_t>r
         if r == 0 and added == 0:
             if call_fd >= 0:
-                if not vq_split_drv_enable_interrupts(q):
+                if not q.ops.enable_interrupts(q.q):
                     st.sleeps += 1
                     if _wait_fd(call_fd, deadline, go) < 0:
                         st.rc = -1000
                         return -1000
-                vq_split_drv_disable_interrupts(q)
+                q.ops.disable_interrupts(q.q)
             else:
                 vq_cpu_relax()
                 if go[0] == 2 or _now() > deadline:
@@ -144,7 +141,7 @@ cdef int _driver_run(vq_split_drv *q, vq_batch *tmpl, vq_batch *rb, uint64_t tot
     return 0
 
 
-cdef int _device_run(vq_split_dev *q, vq_batch *b, uint64_t total, int kick_fd,
+cdef int _device_run(vq_dev *q, vq_batch *b, uint64_t total, int kick_fd,
                      int call_fd, volatile int *go, double deadline,
                      pp_stats *st) noexcept nogil:
     cdef uint64_t processed = 0
@@ -153,29 +150,29 @@ cdef int _device_run(vq_split_dev *q, vq_batch *b, uint64_t total, int kick_fd,
     while go[0] == 0:
         vq_cpu_relax()
     if kick_fd >= 0:
-        vq_split_disable_notification(q)
+        q.ops.disable_notification(q.q)
     while processed < total:
-        n = vq_split_pop(q, b)
+        n = q.ops.pop(q.q, b)
         if n < 0:
             st.rc = n
             return n
         if n > 0:
-            rc = vq_split_push(q, b.head, b.used_len, <uint32_t>n)
+            rc = q.ops.push(q.q, b.head, b.used_len, <uint32_t>n)
             if rc < 0:
                 st.rc = rc
                 return rc
             processed += <uint64_t>n
-            if call_fd >= 0 and vq_split_needs_notification(q):
+            if call_fd >= 0 and q.ops.needs_notification(q.q):
                 _signal_fd(call_fd)
                 st.notifies += 1
             continue
         if kick_fd >= 0:
-            if not vq_split_enable_notification(q):
+            if not q.ops.enable_notification(q.q):
                 st.sleeps += 1
                 if _wait_fd(kick_fd, deadline, go) < 0:
                     st.rc = -1000
                     return -1000
-            vq_split_disable_notification(q)
+            q.ops.disable_notification(q.q)
         else:
             vq_cpu_relax()
             spins += 1
@@ -189,8 +186,8 @@ cdef int _device_run(vq_split_dev *q, vq_batch *b, uint64_t total, int kick_fd,
 
 cdef class _PingPong:
     """State shared by the two threads of one ping-pong run."""
-    cdef vq_split_drv *dq
-    cdef vq_split_dev *vq
+    cdef vq_drv *dq
+    cdef vq_dev *vq
     cdef vq_batch *tp
     cdef vq_batch *rp
     cdef vq_batch *dp
@@ -214,7 +211,7 @@ cdef class _PingPong:
                 self.go = 2
 
 
-def pingpong(SplitDriverQueue driver not None, SplitDeviceQueue device not None,
+def pingpong(DriverQueue driver not None, DeviceQueue device not None,
              ChainBatch template not None, unsigned long long total, *,
              unsigned int batch=0, bint eventfd=False, double timeout=120.0):
     """Pass ``total`` buffers from a driver thread to a device thread and back.
@@ -234,8 +231,8 @@ def pingpong(SplitDriverQueue driver not None, SplitDeviceQueue device not None,
     cdef ChainBatch rb = ChainBatch(max(batch, 256))
     cdef ChainBatch db = ChainBatch(max(batch, 256))
     cdef _PingPong pp = _PingPong()
-    pp.dq = &driver.q
-    pp.vq = &device.q
+    pp.dq = &driver.h
+    pp.vq = &device.h
     pp.tp = &template.b
     pp.rp = &rb.b
     pp.dp = &db.b

@@ -4,6 +4,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from vqcore.memory cimport GuestMemory, vq_memory
 from vqcore.batch cimport vq_batch, ChainBatch
 from vqcore.status cimport vq_err
+from vqcore.queue cimport QueueBase, DeviceQueue, DriverQueue, vq_dev, vq_drv
 
 cdef extern from "vq_ring.h" nogil:
     struct vq_desc:
@@ -75,25 +76,14 @@ cdef extern from "vq_split.h" nogil:
     int vq_split_drv_reclaim(vq_split_drv *q, vq_batch *b)
     void vq_split_drv_disable_interrupts(vq_split_drv *q)
     int vq_split_drv_enable_interrupts(vq_split_drv *q)
+    void vq_split_unpop(vq_split_dev *q, vq_batch *b, uint32_t k)
+    void vq_split_dev_handle(vq_split_dev *q, vq_dev *h)
+    void vq_split_drv_handle(vq_split_drv *q, vq_drv *h)
 
 
-cdef class _SplitRing:
-    cdef readonly GuestMemory memory
-    cdef readonly unsigned int size
-    cdef readonly unsigned long long desc_addr, avail_addr, used_addr
-    cdef readonly str name
-    cdef readonly unsigned long long violations
-    cdef object _state            # numpy arrays backing the private bookkeeping
-    cdef object _error
-    cdef int _map(self, unsigned int size, unsigned long long desc,
-                  unsigned long long avail, unsigned long long used,
-                  vq_desc **d, vq_avail **a, vq_used **u) except -1
-    cdef int _raise(self, const vq_err *e) except -1
-
-
-cdef class SplitDeviceQueue(_SplitRing):
+cdef class SplitDeviceQueue(DeviceQueue):
     cdef vq_split_dev q
 
 
-cdef class SplitDriverQueue(_SplitRing):
+cdef class SplitDriverQueue(DriverQueue):
     cdef vq_split_drv q

@@ -1,5 +1,9 @@
 """The split virtqueue (VIRTIO 1.2 section 2.7), device side and driver side.
 
+The data-path methods (pop, push_used, add, reclaim, notifications) are those of
+:class:`vqcore.queue.DeviceQueue` / :class:`vqcore.queue.DriverQueue`; this module lays
+the split ring out and keeps its indices.
+
 Both sides are built from a :class:`~vqcore.memory.GuestMemory`, a queue size (a power
 of two up to 32768) and the guest-physical addresses of the descriptor table, the
 available ring and the used ring. One call moves a whole batch; the ring work runs with
@@ -14,8 +18,8 @@ import numpy as np
 
 from libc.stdint cimport uintptr_t
 
-from vqcore.errors import LayoutError, QueueBroken, RingViolation
-from vqcore.status cimport raise_status, vq_fail, vq_is_violation, VQ_E_BROKEN
+from vqcore.errors import LayoutError
+from vqcore.queue cimport QueueBase, DeviceQueue, DriverQueue
 
 log = logging.getLogger("vqcore.split")
 
@@ -74,59 +78,27 @@ cdef inline void *_data(arr):
     return <void *><uintptr_t>arr.ctypes.data
 
 
-cdef class _SplitRing:
-    """What both sides of a split ring share: the mapped rings and error handling."""
-
-    def __cinit__(self, *args, **kwargs):
-        self.memory = None
-        self._error = None
-        self.violations = 0
-
-    cdef int _map(self, unsigned int size, unsigned long long desc,
-                  unsigned long long avail, unsigned long long used,
-                  vq_desc **d, vq_avail **a, vq_used **u) except -1:
-        check_queue_size(size)
-        for what, addr, align in (("descriptor table", desc, DESC_ALIGN),
-                                  ("available ring", avail, AVAIL_ALIGN),
-                                  ("used ring", used, USED_ALIGN)):
-            if addr % align:
-                raise LayoutError(f"{what} address {addr:#x} is not {align}-byte aligned")
-        lay = split_layout(size)
-        d[0] = <vq_desc *>self.memory.ptr_or_raise(desc, lay.desc_size, "descriptor table")
-        a[0] = <vq_avail *>self.memory.ptr_or_raise(avail, lay.avail_size, "available ring")
-        u[0] = <vq_used *>self.memory.ptr_or_raise(used, lay.used_size, "used ring")
-        self.size = size
-        self.desc_addr, self.avail_addr, self.used_addr = desc, avail, used
-        return 0
-
-    cdef int _raise(self, const vq_err *e) except -1:
-        """Raise the error in ``e``; the first violation is logged and kept."""
-        if e.code == VQ_E_BROKEN and self._error is not None:
-            raise QueueBroken(f"{self.name}: queue is broken ({self._error})",
-                              code=VQ_E_BROKEN) from self._error
-        try:
-            raise_status(e, self.name)
-        except RingViolation as exc:
-            self.violations += 1
-            if self._error is None:
-                # keep a traceback-free copy: the raised one's frames hold this queue
-                self._error = type(exc)(str(exc), code=exc.code, index=exc.index,
-                                        addr=exc.addr, length=exc.length)
-                log.warning("%s; queue marked broken", str(exc))
-            raise
-        return -1
-
-    @property
-    def error(self):
-        """The violation that broke the queue, or None."""
-        return self._error
-
-    def __dealloc__(self):
-        if self.memory is not None:
-            self.memory.detach()
+cdef int _map_split(QueueBase self, GuestMemory memory, unsigned int size,
+                    unsigned long long desc, unsigned long long avail,
+                    unsigned long long used, bint event_idx, str name,
+                    vq_desc **d, vq_avail **a, vq_used **u) except -1:
+    """Check the layout of a split ring, find its three parts in guest memory and
+    attach the queue to the memory."""
+    check_queue_size(size)
+    for what, addr, align in (("descriptor table", desc, DESC_ALIGN),
+                              ("available ring", avail, AVAIL_ALIGN),
+                              ("used ring", used, USED_ALIGN)):
+        if addr % align:
+            raise LayoutError(f"{what} address {addr:#x} is not {align}-byte aligned")
+    lay = split_layout(size)
+    d[0] = <vq_desc *>memory.ptr_or_raise(desc, lay.desc_size, "descriptor table")
+    a[0] = <vq_avail *>memory.ptr_or_raise(avail, lay.avail_size, "available ring")
+    u[0] = <vq_used *>memory.ptr_or_raise(used, lay.used_size, "used ring")
+    self._attach(memory, size, desc, avail, used, event_idx, name)
+    return 0
 
 
-cdef class SplitDeviceQueue(_SplitRing):
+cdef class SplitDeviceQueue(DeviceQueue):
     """The device side of a split virtqueue.
 
     ``SplitDeviceQueue(memory, size, desc_addr, avail_addr, used_addr, event_idx=False)``
@@ -138,16 +110,8 @@ cdef class SplitDeviceQueue(_SplitRing):
         cdef vq_desc *d
         cdef vq_avail *a
         cdef vq_used *u
-        if self.memory is not None:
-            raise RuntimeError("queue already initialised")
-        self.memory = memory
-        try:
-            self._map(size, desc_addr, avail_addr, used_addr, &d, &a, &u)
-        except BaseException:
-            self.memory = None
-            raise
-        memory.attach()
-        self.name = name or f"split-device[{size}]"
+        _map_split(self, memory, size, desc_addr, avail_addr, used_addr, event_idx,
+                   name or f"split-device[{size}]", &d, &a, &u)
         self._state = np.zeros(size, np.uint8)
         self.q.size = size
         self.q.mask = size - 1
@@ -155,6 +119,7 @@ cdef class SplitDeviceQueue(_SplitRing):
         self.q.mem = memory.mem
         self.q.inflight = <uint8_t *>_data(self._state)
         self.q.event_idx = event_idx
+        vq_split_dev_handle(&self.q, &self.h)
         self.reset()
 
     def reset(self):
@@ -168,75 +133,6 @@ cdef class SplitDeviceQueue(_SplitRing):
         self.q.used_flags = 0
         self.q.broken = 0
         self._error = None
-
-    # ---- the data path ----------------------------------------------------------------
-
-    def pop(self, ChainBatch batch not None):
-        """Pop up to ``batch.max_chains`` available chains into ``batch``.
-
-        Returns how many were popped. Raises a :class:`RingViolation` subclass (and
-        marks the queue broken) when the guest broke a rule; the chains popped before
-        the bad one stay in the batch.
-        """
-        cdef int rc
-        with nogil:
-            rc = vq_split_pop(&self.q, &batch.b)
-        if rc < 0:
-            self._raise(&self.q.err)
-        return rc
-
-    def push_used(self, ChainBatch batch not None, count=None):
-        """Return the first ``count`` (default all) chains of ``batch`` to the driver
-        with ``batch.used_len`` as the written length, and publish ``used->idx`` once."""
-        cdef uint32_t n = batch.b.count if count is None else count
-        if n > batch.b.count:
-            raise ValueError(f"count {n} exceeds the batch's {batch.b.count} chains")
-        cdef int rc
-        with nogil:
-            rc = vq_split_push(&self.q, batch.b.head, batch.b.used_len, n)
-        if rc < 0:
-            self._raise(&self.q.err)
-
-    def push(self, heads, lengths):
-        """Return chains by head id with their written lengths (array-likes)."""
-        h = np.ascontiguousarray(heads, np.uint16)
-        ln = np.ascontiguousarray(lengths, np.uint32)
-        if h.shape != ln.shape or h.ndim != 1:
-            raise ValueError("heads and lengths must be 1-d arrays of one length")
-        cdef uint32_t n = h.shape[0]
-        cdef int rc
-        cdef uint16_t *hp = <uint16_t *>_data(h)
-        cdef uint32_t *lp = <uint32_t *>_data(ln)
-        with nogil:
-            rc = vq_split_push(&self.q, hp, lp, n)
-        if rc < 0:
-            self._raise(&self.q.err)
-
-    # ---- notifications ----------------------------------------------------------------
-
-    def needs_notification(self):
-        """After pushing: should the driver be interrupted? (event idx or NO_INTERRUPT)"""
-        return bool(vq_split_needs_notification(&self.q))
-
-    def enable_notification(self):
-        """Ask for kicks again; returns True when chains arrived meanwhile (drain
-        again before sleeping)."""
-        return bool(vq_split_enable_notification(&self.q))
-
-    def disable_notification(self):
-        """Ask the driver not to kick (NO_NOTIFY; with event idx, a no-op)."""
-        vq_split_disable_notification(&self.q)
-
-    def pending(self):
-        """Chains made available and not yet popped (reads ``avail->idx``)."""
-        return vq_split_avail_pending(&self.q)
-
-    # ---- state --------------------------------------------------------------------------
-
-    @property
-    def event_idx(self):
-        """Whether VIRTIO_F_EVENT_IDX is in use."""
-        return bool(self.q.event_idx)
 
     @property
     def next_avail(self):
@@ -263,22 +159,12 @@ cdef class SplitDeviceQueue(_SplitRing):
         self.q.signalled_used = value
         self.q.signalled_valid = 0
 
-    @property
-    def in_flight(self):
-        """Chains popped and not yet pushed."""
-        return self.q.num_inflight
-
-    @property
-    def broken(self):
-        """True after a violation, until :meth:`reset`."""
-        return bool(self.q.broken)
-
     def __repr__(self):
         return (f"<SplitDeviceQueue {self.name} size={self.size} next_avail={self.q.last_avail}"
                 f" next_used={self.q.used_idx}{' BROKEN' if self.q.broken else ''}>")
 
 
-cdef class SplitDriverQueue(_SplitRing):
+cdef class SplitDriverQueue(DriverQueue):
     """The driver side of a split virtqueue (what a guest's driver does).
 
     ``indirect_addr``/``indirect_max``: a guest-memory area of
@@ -292,28 +178,11 @@ cdef class SplitDriverQueue(_SplitRing):
         cdef vq_desc *d
         cdef vq_avail *a
         cdef vq_used *u
-        if self.memory is not None:
-            raise RuntimeError("queue already initialised")
-        self.memory = memory
-        try:
-            self._map(size, desc_addr, avail_addr, used_addr, &d, &a, &u)
-            if indirect_addr is not None:
-                if indirect_max < 1 or indirect_max > size:
-                    raise LayoutError(f"indirect_max must be 1..{size}")
-                if indirect_addr % DESC_ALIGN:
-                    raise LayoutError(f"indirect area {indirect_addr:#x} is not 16-byte aligned")
-                self.q.ind_host = memory.ptr_or_raise(indirect_addr, <unsigned long long>size * indirect_max * 16,
-                                                      "indirect area")
-                self.q.ind_gpa = indirect_addr
-                self.q.ind_max = indirect_max
-            else:
-                self.q.ind_host = NULL
-                self.q.ind_max = 0
-        except BaseException:
-            self.memory = None
-            raise
-        memory.attach()
-        self.name = name or f"split-driver[{size}]"
+        _map_split(self, memory, size, desc_addr, avail_addr, used_addr, event_idx,
+                   name or f"split-driver[{size}]", &d, &a, &u)
+        self.q.ind_host = self._indirect_area(indirect_addr, indirect_max)
+        self.q.ind_gpa = indirect_addr or 0
+        self.q.ind_max = self.indirect_max
         self._state = {
             "free_next": np.zeros(size, np.uint16), "tail": np.zeros(size, np.uint16),
             "ndesc": np.zeros(size, np.uint16), "wbytes": np.zeros(size, np.uint32),
@@ -330,6 +199,7 @@ cdef class SplitDriverQueue(_SplitRing):
         self.q.token = <uint64_t *>_data(self._state["token"])
         self.q.inflight = <uint8_t *>_data(self._state["inflight"])
         self.q.event_idx = event_idx
+        vq_split_drv_handle(&self.q, &self.h)
         self.reset()
 
     def reset(self):
@@ -353,66 +223,6 @@ cdef class SplitDriverQueue(_SplitRing):
         self.memory.write(self.avail_addr, bytes(lay.avail_size))
         self.memory.write(self.used_addr, bytes(lay.used_size))
 
-    # ---- the data path ----------------------------------------------------------------
-
-    def add(self, ChainBatch batch not None, *, bint indirect=False, bint publish=True,
-            unsigned int start=0):
-        """Make the chains of ``batch`` (from chain ``start`` on) available.
-
-        Segments are readable first, then writable (``batch.readable_segments``);
-        each chain's token comes back from :meth:`reclaim`. With ``indirect`` each
-        chain takes one ring descriptor and an indirect table. Stops early when the
-        ring has too few free descriptors; returns how many chains were added.
-        ``avail->idx`` is published once at the end unless ``publish`` is False.
-        """
-        if start > batch.b.count:
-            raise ValueError("start beyond the batch")
-        cdef int rc
-        with nogil:
-            rc = vq_split_drv_add(&self.q, &batch.b, start, indirect, publish)
-        if rc < 0:
-            self._raise(&self.q.err)
-        return rc
-
-    def publish(self):
-        """Publish ``avail->idx`` (after adds made with ``publish=False``)."""
-        vq_split_drv_publish(&self.q)
-
-    def kick_needed(self):
-        """Must the device be notified of what was published since the last call?"""
-        return bool(vq_split_drv_kick_needed(&self.q))
-
-    def reclaim(self, ChainBatch batch not None):
-        """Collect up to ``batch.max_chains`` used chains into ``batch``: ``heads``,
-        ``tokens`` and ``used_len``. Returns how many. Raises a :class:`RingViolation`
-        subclass when the device misbehaved."""
-        cdef int rc
-        with nogil:
-            rc = vq_split_drv_reclaim(&self.q, &batch.b)
-        if rc < 0:
-            self._raise(&self.q.err)
-        return rc
-
-    def enable_interrupts(self):
-        """Ask the device to interrupt again; True when used chains already wait."""
-        return bool(vq_split_drv_enable_interrupts(&self.q))
-
-    def disable_interrupts(self):
-        """Ask the device not to interrupt (NO_INTERRUPT, or used_event parked)."""
-        vq_split_drv_disable_interrupts(&self.q)
-
-    # ---- state --------------------------------------------------------------------------
-
-    @property
-    def event_idx(self):
-        """Whether VIRTIO_F_EVENT_IDX is in use."""
-        return bool(self.q.event_idx)
-
-    @property
-    def num_free(self):
-        """Free descriptors."""
-        return self.q.num_free
-
     @property
     def in_flight(self):
         """Chains added and not yet reclaimed."""
@@ -427,16 +237,6 @@ cdef class SplitDriverQueue(_SplitRing):
     def last_used(self):
         """The next used-ring slot this driver reads."""
         return self.q.last_used
-
-    @property
-    def broken(self):
-        """True after a device violation, until :meth:`reset`."""
-        return bool(self.q.broken)
-
-    @property
-    def indirect_max(self):
-        """Entries per indirect table (0: no indirect area)."""
-        return self.q.ind_max
 
     def __repr__(self):
         return (f"<SplitDriverQueue {self.name} size={self.size} free={self.q.num_free}"

@@ -1,32 +1,35 @@
 """The TAP datapath level of ``pyvirtio bench``: TX and RX frames per second through a
 real multiqueue TAP, ours against the kernel's own ceiling measured in the same run.
 
-Everything happens inside a network namespace this module creates and removes; the
-frames never leave it. Every rate is counted **on the namespace side**, from the TAP
-interface's own counters (``IFLA_STATS64``): ``rx_packets`` for TX (frames the kernel
-accepted from the queue fds into its stack) and ``tx_packets`` for RX (frames the
-kernel handed to a reader of the queue fds).
+Everything happens inside a network namespace this module creates and removes; no frame
+leaves it. Every rate is counted **on the namespace side**, from the TAP interface's own
+counters (``IFLA_STATS64``): ``rx_packets`` for TX (frames the kernel accepted from the
+queue fds into its stack) and ``tx_packets`` for RX (frames the kernel handed to a
+reader of the queue fds).
 
-* **TX, ours**: a :class:`~pyvirtio.net.device.NetDevice` (its worker threads and the
+* **TX**, ours: a :class:`~pyvirtio.net.device.NetDevice` (its worker threads and the
   nogil burst kernels) fed by a :class:`~pyvirtio.net.driver.NetDriver` as the guest,
   which keeps the TX rings full by re-adding pre-written slots a chunk at a time
-  (:meth:`~pyvirtio.net.driver.NetDriver.replay`; nothing per frame in Python).
-  **Baseline**: :func:`vqcore.netbench.writev_loop`, the same ``writev`` (12-byte
-  virtio-net header + frame) in a plain C loop on the same queue fd.
-* **RX, ours**: an injector (:func:`vqcore.netbench.send_loop` on an ``AF_PACKET``
-  socket bound to the TAP inside the namespace, one thread per queue pair, GIL
-  released) floods the TAP while the device's workers ``readv`` into guest buffers and
-  the guest re-posts them per batch. **Baseline**: the same injector against
+  (:meth:`~pyvirtio.net.driver.NetDriver.replay`: nothing per frame in Python).
+  Baseline: :func:`vqcore.netbench.writev_loop`, the same ``writev`` (12-byte
+  virtio-net header + frame) in a plain C loop on the same queue fd(s).
+* **RX, live injector**: an injector (:func:`vqcore.netbench.send_loop` on an
+  ``AF_PACKET`` socket bound to the TAP inside the namespace, one thread per queue pair,
+  GIL released) floods the TAP while the device's workers ``readv`` into guest buffers
+  and the guest re-posts them per batch. Baseline: the same injectors against
   :func:`vqcore.netbench.readv_loop`, a plain C loop of ``readv`` on the same fd(s).
+  This figure is bounded by whichever side is slower, often the injector.
+* **RX, drain**: the injector first fills the TAP queues (nobody reading), then the
+  reader alone empties them: ours (the guest posts its buffers and kicks) against the
+  ``readv`` loop. This is the reader's own ceiling on one core.
 
-Ours and the baseline alternate (A B A B ...); with ``poll`` the device's workers
-busy-poll instead of sleeping in epoll (a second "ours" figure against the same
-baseline samples).
+Ours and the baseline alternate (A B A B ...). For one queue pair, a second "ours"
+figure uses busy-polling workers (``NetDevice(poll=True)``) against the same baseline
+samples.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -34,7 +37,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -50,9 +53,15 @@ from pyvirtio.net.device import GUEST_GSO, NetDevice
 from pyvirtio.net.driver import NetDriver
 from pyvirtio.netns import NetNamespace, entered
 
+__all__ = ["FRAME_SIZES", "PAIRS", "QUEUE_SIZE", "Sizes", "Sample", "TapBenchError",
+           "skip_reason", "tx_frame", "rx_frame", "TapBench", "Guest", "tx_ours",
+           "tx_baseline", "rx_live_ours", "rx_live_baseline", "rx_drain_ours",
+           "rx_drain_baseline", "level_tap"]
+
 log = logging.getLogger("pyvirtio.bench")
 
-#: Ethernet frame sizes measured (bytes on the wire without FCS, vnet header excluded)
+#: Ethernet frame sizes measured (bytes of the frame without FCS; the 12-byte
+#: virtio-net header in front of it is not counted)
 FRAME_SIZES = (64, 1500)
 #: queue pairs measured
 PAIRS = (1, 2)
@@ -67,22 +76,34 @@ GUEST_IP, HOST_IP = "10.77.0.2", "10.77.0.1"
 #: IEEE 802 local experimental EtherType: no protocol handler, no reply, no forwarding
 ETH_P_EXPERIMENTAL = 0x88B5
 ETH_P_IP = 0x0800
-#: the TAP's queue length (frames), so an RX burst of the injector is not dropped at once
+IPPROTO_UDP = 17
+#: the TAP's queue length in frames (per queue): the most an RX drain can pre-fill
 TAP_QUEUE_LEN = 32768
-#: guest features left out: no guest offloads (an RX buffer of 1536 bytes then holds
-#: any frame, one buffer per frame with MRG_RXBUF), everything else as offered
+#: guest features left out: no guest offloads (a 1536-byte RX buffer then holds any
+#: frame, one buffer per frame with MRG_RXBUF); everything else as offered
 WITHOUT = int(GUEST_GSO | NetFeature.GUEST_CSUM | NetFeature.GUEST_ECN)
-#: the guest's TX slot (vnet header + the largest frame measured)
+#: the guest's buffer slots (vnet header + the largest frame measured)
 TX_SLOT = 2048
+RX_SLOT = 1536
+#: how long any one run may take before it is abandoned
+RUN_TIMEOUT = 30.0
 
-NOTE_TX = ("TX: device worker writev()s straight from guest memory (one syscall per frame) "
-           "vs a C writev loop on the same fd; counted as the TAP's rx_packets in the "
-           "namespace; bounded by the kernel's per-frame TAP receive path (tun_get_user + "
-           "netif_rx) on one core; the guest refills the ring from the other core")
-NOTE_RX = ("RX: device worker readv()s straight into guest buffers vs a C readv loop, with "
-           "an AF_PACKET injector in the namespace on the other core; counted as the TAP's "
-           "tx_packets; bounded by the injector or the reader, whichever is slower (both "
-           "share 2 vCPUs with the guest thread)")
+NOTE_TX = ("the device worker writev()s each frame straight from guest memory, the baseline "
+           "is a C writev loop on the same fd; both are bound by the kernel's per-frame TAP "
+           "receive path (tun_get_user + netif_rx + the stack dropping the frame) on one "
+           "core; the guest refills the ring from the other vCPU")
+NOTE_RX_LIVE = ("an AF_PACKET injector per queue in the namespace floods the TAP while the "
+                "reader (the device worker / a C readv loop) empties it; bound by the slower "
+                "of the two, and they share 2 vCPUs with the guest thread")
+NOTE_RX_DRAIN = ("the TAP queues are filled first, then drained by the reader alone: the "
+                 "device worker readv()s into guest buffers (the guest re-posts them per "
+                 "batch from the other vCPU), the baseline is a C readv loop; bound by the "
+                 "kernel's per-frame tun_do_read + copy on one core")
+NOTE_POLL = "; busy-poll worker: it never sleeps in epoll, one vCPU spent"
+
+
+class TapBenchError(vqcore.VirtioError, RuntimeError):
+    """A benchmark run could not be set up or did not complete."""
 
 
 def skip_reason() -> str | None:
@@ -92,6 +113,36 @@ def skip_reason() -> str | None:
     if not os.path.exists(TUN_DEVICE):
         return f"{TUN_DEVICE} does not exist"
     return None
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Frames per run: ``tx`` and ``rx_live`` in total, ``drain`` per TAP queue."""
+    tx: int
+    rx_live: int
+    drain: int
+
+    @classmethod
+    def of(cls, tiny: bool, quick: bool) -> "Sizes":
+        if tiny:
+            return cls(tx=4_000, rx_live=4_000, drain=1_000)
+        if quick:
+            return cls(tx=120_000, rx_live=60_000, drain=12_000)
+        return cls(tx=500_000, rx_live=250_000, drain=TAP_QUEUE_LEN)
+
+
+@dataclass
+class Sample:
+    """One run: ``frames`` counted on the namespace side in ``seconds``, and what the
+    device's counters say about it (``info``)."""
+    frames: int
+    seconds: float
+    info: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pps(self) -> float:
+        """Frames per second."""
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,15 +161,20 @@ def tx_frame(size: int) -> bytes:
     """A ``size``-byte frame from the guest: to a MAC nobody owns, EtherType
     :data:`ETH_P_EXPERIMENTAL` (the kernel counts it received, then drops it)."""
     head = OTHER_MAC + GUEST_MAC + struct.pack("!H", ETH_P_EXPERIMENTAL)
+    if size < len(head):
+        raise ValueError(f"a frame has at least {len(head)} bytes")
     return head + bytes((i * 7) & 0xFF for i in range(size - len(head)))
 
 
 def rx_frame(size: int, sport: int) -> bytes:
-    """A ``size``-byte Ethernet/IPv4/UDP frame for the guest (UDP source port ``sport``
-    picks the flow, and so the TAP queue)."""
-    payload = bytes((i * 3) & 0xFF for i in range(size - 14 - 20 - 8))
-    udp = struct.pack("!HHHH", sport, 5000, 8 + len(payload), 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+    """A ``size``-byte Ethernet/IPv4/UDP frame for the guest; the UDP source port
+    ``sport`` picks the flow, and so the TAP queue."""
+    n = size - 14 - 20 - 8
+    if n < 0:
+        raise ValueError("a UDP frame has at least 42 bytes")
+    payload = bytes((i * 3) & 0xFF for i in range(n))
+    udp = struct.pack("!HHHH", sport, 5000, 8 + n, 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, IPPROTO_UDP, 0,
                      socket.inet_aton(HOST_IP), socket.inet_aton(GUEST_IP))
     ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
     return GUEST_MAC + HOST_MAC + struct.pack("!H", ETH_P_IP) + ip + udp
@@ -128,20 +184,21 @@ def rx_frame(size: int, sport: int) -> bytes:
 # the namespace and its TAP
 
 class TapBench:
-    """A namespace holding a 2-queue TAP, for the whole level (a context manager)."""
+    """A fresh namespace holding a TAP with ``queues`` queue fds (a context manager that
+    removes both)."""
 
     def __init__(self, queues: int = max(PAIRS)) -> None:
         self.ns = NetNamespace(prefix="pvbench")
         self.ns.open()
+        self._flows: dict[int, list[int]] = {}
         try:
             with entered(self.ns.name):
-                for key in ("default", "all"):
+                for key in ("default", "all"):   # no IPv6 chatter on the TAP
                     with open(f"/proc/sys/net/ipv6/conf/{key}/disable_ipv6", "w") as fh:
                         fh.write("1")
             self.tap = Tap.create(TAP_NAME, queues, netns=self.ns, mac=HOST_MAC)
             with self.tap.iproute() as ipr:
                 ipr.link("set", index=self.tap.ifindex, txqlen=TAP_QUEUE_LEN)
-            self._flows: dict[int, list[int]] = {}
         except BaseException:
             self.ns.remove()
             raise
@@ -167,17 +224,6 @@ class TapBench:
         return {k: int(stats[k]) for k in ("rx_packets", "rx_bytes", "rx_dropped",
                                            "tx_packets", "tx_bytes", "tx_dropped")}
 
-    def fill(self, size: int, pairs: int, per_queue: int) -> int:
-        """Queue ``per_queue`` frames of ``size`` bytes on each of the first ``pairs``
-        TAP queues while nobody reads them; returns how many the TAP holds."""
-        sports = self.flows(pairs)
-        c0 = self.counters()
-        with self.injector() as sock:
-            for sport in sports:
-                netbench.send_loop(sock.fileno(), rx_frame(size, sport), per_queue)
-        dropped = self.counters()["tx_dropped"] - c0["tx_dropped"]
-        return pairs * per_queue - dropped
-
     def injector(self) -> socket.socket:
         """An ``AF_PACKET`` socket on the TAP inside the namespace that only sends
         (protocol 0: it receives nothing)."""
@@ -191,12 +237,13 @@ class TapBench:
         return sock
 
     def flows(self, pairs: int) -> list[int]:
-        """UDP source ports whose frames the TAP queues on queue 0, 1, ... ``pairs - 1``
-        (the TAP picks a queue by flow hash; found by probing, once)."""
+        """UDP source ports whose frames the TAP queues on queue 0, 1, ..., ``pairs - 1``
+        while ``pairs`` queues are attached (the TAP picks a queue by flow hash: found by
+        probing, once per count)."""
         if pairs in self._flows:
             return self._flows[pairs]
         self.tap.set_active_queues(pairs)
-        fds = self.tap.fds[:pairs]
+        fds = list(self.tap.fds[:pairs])
         found: dict[int, int] = {}
         with self.injector() as sock:
             for sport in range(40000, 40256):
@@ -216,10 +263,23 @@ class TapBench:
                 if queue is not None:
                     found.setdefault(queue, sport)
         if len(found) < pairs:
-            raise RuntimeError(f"no flow found for every one of {pairs} TAP queues: {found}")
+            raise TapBenchError(f"no UDP flow found for each of {pairs} TAP queues "
+                                f"(found {found})")
         self._flows[pairs] = [found[q] for q in range(pairs)]
         log.debug("TAP flows per queue: %s", self._flows[pairs])
         return self._flows[pairs]
+
+    def fill(self, size: int, pairs: int, per_queue: int) -> int:
+        """Queue ``per_queue`` frames of ``size`` bytes on each of the first ``pairs``
+        TAP queues while nobody reads them; returns how many the TAP holds."""
+        sports = self.flows(pairs)
+        c0 = self.counters()
+        with self.injector() as sock:
+            for sport in sports:
+                netbench.send_loop(sock.fileno(), rx_frame(size, sport), per_queue,
+                                   timeout=RUN_TIMEOUT)
+        dropped = self.counters()["tx_dropped"] - c0["tx_dropped"]
+        return pairs * per_queue - dropped
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,25 +295,32 @@ class _Driver(NetDriver):
 
 class Guest:
     """A :class:`NetDevice` over the bench TAP with ``pairs`` active queue pairs, brought
-    up by a :class:`NetDriver` in a fresh guest memory (a context manager). With
-    ``hold_rx`` no RX buffer is posted at bring-up.""" 
+    up by a :class:`NetDriver` in a fresh guest memory (a context manager). The RX rings
+    are in replay mode from the start; with ``hold_rx`` no RX buffer is posted before
+    the first :meth:`receive`."""
 
-    def __init__(self, bench: TapBench, pairs: int, poll: bool, hold_rx: bool = False) -> None:
+    def __init__(self, bench: TapBench, pairs: int, poll: bool = False,
+                 hold_rx: bool = False) -> None:
+        self.bench = bench
         self.pairs = pairs
-        self.buffer = np.zeros(pairs * QUEUE_SIZE * (TX_SLOT + 1536) + (8 << 20), np.uint8)
+        self.buffer = np.zeros(pairs * QUEUE_SIZE * (TX_SLOT + RX_SLOT) + (8 << 20), np.uint8)
         self.memory = vqcore.GuestMemory([(0, self.buffer)])
         self.device = NetDevice(bench.tap, mac=GUEST_MAC, max_pairs=pairs,
                                 queue_size=QUEUE_SIZE, ctrl_queue=True, poll=poll)
+        self._tx_frame: bytes | None = None
         try:
             self.driver = _Driver(self.memory, pairs=pairs, queue_size=QUEUE_SIZE,
-                                  ctrl=True, rx_buffer=1536, tx_buffer=TX_SLOT)
+                                  ctrl=True, rx_buffer=RX_SLOT, tx_buffer=TX_SLOT)
             self.driver.hold_rx = hold_rx
             self.driver.attach(self.device, self.device.device_features & ~WITHOUT)
             if pairs > 1:
-                ack = self.driver.ctrl_command(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                ack = self.driver.ctrl_command(VIRTIO_NET_CTRL_MQ,
+                                               VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
                                                struct.pack("<H", pairs))
                 if ack != VIRTIO_NET_OK:
-                    raise RuntimeError(f"VQ_PAIRS_SET {pairs} refused")
+                    raise TapBenchError(f"the device refused VQ_PAIRS_SET {pairs}")
+            for p in range(pairs):
+                self.driver.replay_start(2 * p)
         except BaseException:
             self.device.close()
             raise
@@ -268,7 +335,7 @@ class Guest:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def wait(self, kind: str, timeout: float) -> None:
+    def _wait(self, kind: str, timeout: float) -> None:
         """Sleep until one of the pairs' ``"rx"`` or ``"tx"`` queues interrupts (unless
         used chains already wait there)."""
         queues = (self.driver.rx if kind == "rx" else self.driver.tx)[:self.pairs]
@@ -282,66 +349,155 @@ class Guest:
             except BlockingIOError:
                 pass
 
+    def stats(self, kind: str) -> dict[str, int]:
+        """The device's counters of one direction, summed over the pairs."""
+        total: dict[str, int] = {}
+        for pair in self.device.pair_stats()[:self.pairs]:
+            for k, v in pair[kind].items():
+                total[k] = total.get(k, 0) + v
+        return total
 
-def _gbps(pps: float, size: int) -> float:
-    return pps * size * 8 / 1e9
+    @staticmethod
+    def _info(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+        d = {k: after[k] - before[k] for k in after}
+        frames = max(d["packets"], 1)
+        return {"frames_per_burst": d["packets"] / max(d["bursts"], 1),
+                "interrupts_per_kframe": 1000 * d["notifications"] / frames,
+                "no_room": float(d["no_room"]), "errors": float(d["errors"])}
 
-
-def tx_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> float:
-    """Frames/s of ``frames`` frames sent by the guest through the device, counted as
-    the TAP's ``rx_packets``."""
-    with Guest(bench, pairs, poll) as g:
-        drv = g.driver
-        tx = [2 * p + 1 for p in range(pairs)]
-        frame = tx_frame(size)
-        for i in tx:
-            drv.replay_start(i, frame)
-        per_pair = frames // pairs
-        done = [0] * pairs
-        c0 = bench.counters()
+    def send(self, frame: bytes, frames: int) -> Sample:
+        """Send about ``frames`` copies of ``frame`` (spread over the pairs), keeping
+        every TX ring full; counted as the TAP's ``rx_packets``."""
+        tx = [2 * p + 1 for p in range(self.pairs)]
+        drv = self.driver
+        if self._tx_frame != frame:
+            for i in tx:
+                drv.replay_stop(i)
+                drv.replay_start(i, frame)
+            self._tx_frame = frame
+        per_pair = max(frames // self.pairs, 1)
+        done = [0] * self.pairs
+        s0, c0 = self.stats("tx"), self.bench.counters()
         t0 = time.perf_counter()
-        for i in tx:
-            drv.replay(i)
-        while min(done) < per_pair:
+        deadline = t0 + RUN_TIMEOUT
+        while True:
             for p, i in enumerate(tx):
-                done[p] += drv.replay(i)
-            g.wait("tx", 0.05)
+                done[p] += drv.replay(i, refill=done[p] < per_pair)
+            if min(done) >= per_pair:
+                break
+            if time.perf_counter() > deadline:
+                raise TapBenchError(f"TX: {sum(done)} of {frames} frames sent in "
+                                    f"{RUN_TIMEOUT:.0f} s")
+            self._wait("tx", 0.05)
+        for p, i in enumerate(tx):           # let what is in flight come back
+            while drv.tx[p].queue.in_flight:
+                done[p] += drv.replay(i, refill=False)
+                if not drv.tx[p].queue.in_flight:
+                    break
+                if time.perf_counter() > deadline:
+                    raise TapBenchError("TX: the device did not return every chain")
+                self._wait("tx", 0.05)
         t1 = time.perf_counter()
-        for i in tx:
-            if not drv.replay_stop(i):
-                log.warning("TX ring of pair %d did not drain", i // 2)
-        c1 = bench.counters()
-        sent = sum(g.device.pair_stats()[p]["tx"]["packets"] for p in range(pairs))
-    got = c1["rx_packets"] - c0["rx_packets"]
-    if got < sent:
-        log.warning("TX: device sent %d frames, the TAP counted %d", sent, got)
-    return got / (t1 - t0)
+        c1, s1 = self.bench.counters(), self.stats("tx")
+        counted = c1["rx_packets"] - c0["rx_packets"]
+        if counted < sum(done):
+            log.warning("TX: the guest sent %d frames, the TAP counted %d", sum(done), counted)
+        return Sample(counted, t1 - t0, self._info(s0, s1))
 
-
-def rx_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> float:
-    """Frames/s moved into guest buffers while injectors flood the TAP, counted as the
-    TAP's ``tx_packets`` over the injectors' time."""
-    sports = bench.flows(pairs)
-    with Guest(bench, pairs, poll) as g:
-        drv = g.driver
-        rx = [2 * p for p in range(pairs)]
-        for i in rx:
-            drv.replay_start(i)
-        injectors = _Injectors(bench, size, sports, frames // pairs)
-        c0 = bench.counters()
-        injectors.start()
+    def receive(self, until: Callable[[int], bool]) -> tuple[int, dict[str, float]]:
+        """Re-post RX buffers per batch until ``until(frames received)``; returns the
+        frames received and the device's burst figures."""
+        rx = [2 * p for p in range(self.pairs)]
+        drv = self.driver
+        s0 = self.stats("rx")
         received = 0
-        while injectors.running():
+        deadline = time.perf_counter() + RUN_TIMEOUT
+        for i in rx:
+            drv.replay(i)                    # posts buffers (all of them with hold_rx)
+        while not until(received):
             for i in rx:
                 received += drv.replay(i)
-            g.wait("rx", 0.01)
-        seconds = injectors.join()
+            if until(received):
+                break
+            if time.perf_counter() > deadline:
+                raise TapBenchError(f"RX: {received} frames in {RUN_TIMEOUT:.0f} s")
+            self._wait("rx", 0.01)
+        return received, self._info(s0, self.stats("rx"))
+
+
+def tx_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> Sample:
+    """TX through a fresh device: :meth:`Guest.send`."""
+    with Guest(bench, pairs, poll) as g:
+        return g.send(tx_frame(size), frames)
+
+
+class _Injectors:
+    """One ``send_loop`` thread per TAP queue, each on its own flow (GIL released)."""
+
+    def __init__(self, bench: TapBench, size: int, pairs: int, count: int) -> None:
+        sports = bench.flows(pairs)
+        self.socks = [bench.injector() for _ in sports]
+        self.frames = [rx_frame(size, sport) for sport in sports]
+        self.count = count
+        self.results: list[tuple[int, float] | None] = [None] * len(sports)
+        self.threads = [threading.Thread(target=self._run, args=(k,), name=f"inject-{k}")
+                        for k in range(len(sports))]
+
+    def _run(self, k: int) -> None:
+        self.results[k] = netbench.send_loop(self.socks[k].fileno(), self.frames[k],
+                                             self.count, timeout=RUN_TIMEOUT)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def join(self) -> tuple[int, float]:
+        """Wait for every injector: (frames sent, the longest one's seconds)."""
+        for t in self.threads:
+            t.join()
+        for s in self.socks:
+            s.close()
+        done = [r for r in self.results if r is not None]
+        if len(done) != len(self.results):
+            raise TapBenchError("an injector thread failed")
+        return sum(r[0] for r in done), max(r[1] for r in done)
+
+
+def rx_live_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> Sample:
+    """RX into a fresh device while injectors send ``frames`` frames; counted as the
+    TAP's ``tx_packets`` over the injectors' time."""
+    with Guest(bench, pairs, poll) as g:
+        injectors = _Injectors(bench, size, pairs, frames // pairs)
+        c0 = bench.counters()
+        injectors.start()
+        try:
+            _, info = g.receive(lambda n: not injectors.running())
+        finally:
+            sent, seconds = injectors.join()
         c1 = bench.counters()
-    return (c1["tx_packets"] - c0["tx_packets"]) / seconds
+    info["injector_pps"] = sent / seconds if seconds else 0.0
+    return Sample(c1["tx_packets"] - c0["tx_packets"], seconds, info)
+
+
+def rx_drain_ours(bench: TapBench, size: int, pairs: int, poll: bool, per_queue: int) -> Sample:
+    """RX into a fresh device from TAP queues filled beforehand (no injector runs
+    meanwhile): from the guest's first post to the last frame; counted as the TAP's
+    ``tx_packets``."""
+    with Guest(bench, pairs, poll, hold_rx=True) as g:
+        queued = bench.fill(size, pairs, per_queue)
+        c0 = bench.counters()
+        t0 = time.perf_counter()
+        received, info = g.receive(lambda n: n >= queued)
+        t1 = time.perf_counter()
+        c1 = bench.counters()
+    return Sample(c1["tx_packets"] - c0["tx_packets"], t1 - t0, info)
 
 
 # ---------------------------------------------------------------------------------------
-# the baselines
+# the baselines: plain C loops of the same syscalls on the same fds
 
 def _threads(fn: Callable[[int], object], n: int) -> list[object]:
     """``fn(0..n-1)`` in ``n`` threads at once; their results."""
@@ -355,108 +511,139 @@ def _threads(fn: Callable[[int], object], n: int) -> list[object]:
         t.start()
     for t in threads:
         t.join()
+    if any(r is None for r in out):
+        raise TapBenchError("a baseline thread failed")
     return out
 
 
-def tx_baseline(bench: TapBench, size: int, pairs: int, frames: int) -> float:
-    """The same writev()s in C loops on the same fds (one thread per queue), counted as
-    the TAP's ``rx_packets``."""
+def tx_baseline(bench: TapBench, size: int, pairs: int, frames: int) -> Sample:
+    """``writev`` loops, one thread per queue fd; counted as the TAP's ``rx_packets``."""
     bench.tap.set_active_queues(pairs)
     fds = bench.tap.fds[:pairs]
     frame = tx_frame(size)
     c0 = bench.counters()
-    results = _threads(lambda k: netbench.writev_loop(fds[k], frame, frames // pairs), pairs)
+    results = _threads(lambda k: netbench.writev_loop(fds[k], frame, max(frames // pairs, 1),
+                                                      timeout=RUN_TIMEOUT), pairs)
     c1 = bench.counters()
     seconds = max(r[2] for r in results)  # type: ignore[index]
-    return (c1["rx_packets"] - c0["rx_packets"]) / seconds
+    refused = sum(r[1] for r in results)  # type: ignore[index]
+    return Sample(c1["rx_packets"] - c0["rx_packets"], seconds, {"refused": float(refused)})
 
 
-class _Injectors:
-    """One ``send_loop`` thread per TAP queue, each on its own flow (GIL released)."""
-
-    def __init__(self, bench: TapBench, size: int, sports: Sequence[int], count: int) -> None:
-        self.socks = [bench.injector() for _ in sports]
-        self.frames = [rx_frame(size, sport) for sport in sports]
-        self.count = count
-        self.results: list[tuple[int, float] | None] = [None] * len(sports)
-        self.threads = [threading.Thread(target=self._run, args=(k,), name=f"inject-{k}")
-                        for k in range(len(sports))]
-
-    def _run(self, k: int) -> None:
-        self.results[k] = netbench.send_loop(self.socks[k].fileno(), self.frames[k], self.count)
-
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
-    def running(self) -> bool:
-        return any(t.is_alive() for t in self.threads)
-
-    def join(self) -> float:
-        """Wait for every injector; the longest one's seconds."""
-        for t in self.threads:
-            t.join()
-        for s in self.socks:
-            s.close()
-        return max(r[1] for r in self.results if r is not None)
+def _readers(fds: Sequence[int]) -> list[threading.Thread]:
+    return [threading.Thread(target=netbench.readv_loop, args=(fd, 1 << 62),
+                             kwargs={"timeout": RUN_TIMEOUT, "idle": 0.02}, name=f"readv-{k}")
+            for k, fd in enumerate(fds)]
 
 
-def rx_baseline(bench: TapBench, size: int, pairs: int, frames: int) -> float:
-    """C readv loops on the same fds while the same injectors run, counted as the TAP's
-    ``tx_packets`` over the injectors' time."""
-    sports = bench.flows(pairs)
+def rx_live_baseline(bench: TapBench, size: int, pairs: int, frames: int) -> Sample:
+    """``readv`` loops on the queue fds while the same injectors run; counted as the
+    TAP's ``tx_packets`` over the injectors' time."""
     bench.tap.set_active_queues(pairs)
-    fds = bench.tap.fds[:pairs]
-    injectors = _Injectors(bench, size, sports, frames // pairs)
-    readers = [threading.Thread(target=netbench.readv_loop, args=(fd, 1 << 62),
-                                kwargs={"timeout": 60.0, "idle": 0.05}, name=f"readv-{k}")
-               for k, fd in enumerate(fds)]
+    injectors = _Injectors(bench, size, pairs, frames // pairs)
+    readers = _readers(bench.tap.fds[:pairs])
     c0 = bench.counters()
     for t in readers:
         t.start()
     injectors.start()
-    seconds = injectors.join()
+    sent, seconds = injectors.join()
     c1 = bench.counters()
     for t in readers:
         t.join()
-    return (c1["tx_packets"] - c0["tx_packets"]) / seconds
+    return Sample(c1["tx_packets"] - c0["tx_packets"], seconds,
+                  {"injector_pps": sent / seconds if seconds else 0.0})
 
 
-def rx_drain_ours(bench: TapBench, size: int, pairs: int, poll: bool, per_queue: int) -> float:
-    """Frames/s moved into guest buffers from TAP queues filled beforehand (the reader
-    alone: no injector runs meanwhile), counted as the TAP's ``tx_packets``."""
-    with Guest(bench, pairs, poll, hold_rx=True) as g:
-        queued = bench.fill(size, pairs, per_queue)
-        drv = g.driver
-        rx = [2 * p for p in range(pairs)]
-        for i in rx:
-            drv.replay_start(i)
-        c0 = bench.counters()
-        t0 = time.perf_counter()
-        deadline = t0 + 30.0
-        received = 0
-        for i in rx:
-            drv.replay(i)             # posts every buffer and kicks
-        while received < queued and time.perf_counter() < deadline:
-            for i in rx:
-                received += drv.replay(i)
-            if received < queued:
-                g.wait("rx", 0.05)
-        t1 = time.perf_counter()
-        c1 = bench.counters()
-    if received < queued:
-        log.warning("RX drain: %d of %d frames arrived", received, queued)
-    return (c1["tx_packets"] - c0["tx_packets"]) / (t1 - t0)
-
-
-def rx_drain_baseline(bench: TapBench, size: int, pairs: int, per_queue: int) -> float:
-    """C readv loops draining the same filled TAP queues, counted as ``tx_packets``."""
+def rx_drain_baseline(bench: TapBench, size: int, pairs: int, per_queue: int) -> Sample:
+    """``readv`` loops draining the same pre-filled TAP queues; counted as the TAP's
+    ``tx_packets``, timed from the first frame read to the last."""
     bench.tap.set_active_queues(pairs)
     fds = bench.tap.fds[:pairs]
     bench.fill(size, pairs, per_queue)
     c0 = bench.counters()
-    results = _threads(lambda k: netbench.readv_loop(fds[k], 1 << 62, timeout=30.0,
+    results = _threads(lambda k: netbench.readv_loop(fds[k], 1 << 62, timeout=RUN_TIMEOUT,
                                                      idle=0.02), pairs)
     c1 = bench.counters()
     seconds = max(r[2] for r in results)  # type: ignore[index]
-    return (c1["tx_packets"] - c0["tx_packets"]) / seconds
+    return Sample(c1["tx_packets"] - c0["tx_packets"], seconds)
+
+
+# ---------------------------------------------------------------------------------------
+# the level
+
+class _Row:
+    """The Mpps and Gbit/s figures of one measurement, filled sample by sample."""
+
+    def __init__(self, name: str, size: int, baseline: str, note: str) -> None:
+        self.size = size
+        self.mpps = Figure("tap", name, "Mpps", True, baseline=baseline, note=note)
+        self.gbps = Figure("tap", name, "Gbit/s", True, baseline=baseline)
+        self.info: dict[str, float] = {}
+
+    def ours(self, s: Sample) -> None:
+        self.mpps.samples.append(s.pps / 1e6)
+        self.gbps.samples.append(s.pps * self.size * 8 / 1e9)
+        self.info = s.info
+
+    def base(self, s: Sample) -> None:
+        self.mpps.baseline_samples.append(s.pps / 1e6)
+        self.gbps.baseline_samples.append(s.pps * self.size * 8 / 1e9)
+
+    def figures(self) -> list[Figure]:
+        i = self.info
+        if "frames_per_burst" in i:
+            extra = (f" (last run: {i['frames_per_burst']:.0f} frames per burst, "
+                     f"{i['interrupts_per_kframe']:.1f} guest interrupts per 1000 frames")
+            if i.get("no_room"):
+                extra += f", {i['no_room']:.0f} bursts stopped for want of guest buffers"
+            if "injector_pps" in i:
+                extra += f", injector {i['injector_pps'] / 1e6:.2f} Mpps"
+            self.mpps.note += extra + ")"
+        return [self.mpps, self.gbps]
+
+
+def level_tap(s, progress: Callable[[str], None]) -> list[Figure]:
+    """TX and RX Mpps and Gbit/s through a TAP for 64 B and 1500 B frames and 1 and 2
+    queue pairs, each against the plain C syscall loop on the same TAP. ``s`` is the
+    suite's :class:`~pyvirtio.bench.suite.Settings`. No figures (and a logged reason)
+    without root or ``/dev/net/tun``."""
+    reason = skip_reason()
+    if reason is not None:
+        log.warning("level tap skipped: %s", reason)
+        return []
+    n = Sizes.of(s.tiny, s.quick)
+    figures: list[Figure] = []
+    with TapBench() as bench:
+        for size in FRAME_SIZES:
+            for pairs in PAIRS:
+                what = f"{size} B, {pairs} pair{'s' if pairs > 1 else ''}"
+                poll = pairs == 1
+                tx = _Row(f"TX {what}", size, "C writev loop, same TAP fd", NOTE_TX)
+                txp = _Row(f"TX {what}, busy-poll", size, "C writev loop (same samples)",
+                           NOTE_TX + NOTE_POLL)
+                live = _Row(f"RX {what}, live injector", size, "C readv loop, same injector",
+                            NOTE_RX_LIVE)
+                drain = _Row(f"RX {what}, drain", size, "C readv loop, same TAP fd",
+                             NOTE_RX_DRAIN)
+                drainp = _Row(f"RX {what}, drain, busy-poll", size,
+                              "C readv loop (same samples)", NOTE_RX_DRAIN + NOTE_POLL)
+                for rep in range(s.repeats):
+                    tx.ours(tx_ours(bench, size, pairs, False, n.tx))
+                    b = tx_baseline(bench, size, pairs, n.tx)
+                    tx.base(b)
+                    if poll:
+                        txp.ours(tx_ours(bench, size, pairs, True, n.tx))
+                        txp.base(b)
+                    live.ours(rx_live_ours(bench, size, pairs, False, n.rx_live))
+                    live.base(rx_live_baseline(bench, size, pairs, n.rx_live))
+                    drain.ours(rx_drain_ours(bench, size, pairs, False, n.drain))
+                    b = rx_drain_baseline(bench, size, pairs, n.drain)
+                    drain.base(b)
+                    if poll:
+                        drainp.ours(rx_drain_ours(bench, size, pairs, True, n.drain))
+                        drainp.base(b)
+                    progress(f"tap: {what} [{rep + 1}/{s.repeats}]")
+                rows = [tx, txp, live, drain, drainp] if poll else [tx, live, drain]
+                for row in rows:
+                    figures += row.figures()
+    return figures

@@ -339,13 +339,13 @@ class NetDriver:
         TX: ``header + frame`` is written once into every slot; nothing may be in
         flight. RX: every slot must be posted in slot order (as :meth:`attach` leaves
         it), or none (the first :meth:`replay` posts them); frames received are never
-        looked at. ``chunk`` (a divisor of the
-        queue size; default: half the queue for TX, a sixteenth for RX) is how many
-        slots are added at a time."""
+        looked at. ``chunk`` (a divisor of the queue size; default: a quarter of the
+        queue for TX, a sixteenth for RX) is how many slots are added at a time: less
+        than the whole queue, so the device finds chains while the guest refills."""
         dq = self._queue(index)
         is_tx = index % 2 == 1 and dq is not self.ctrlq
         n = dq.slots
-        chunk = chunk or max(1, n // 2 if is_tx else n // 16)
+        chunk = chunk or max(1, n // 4 if is_tx else n // 16)
         if n % chunk:
             raise ValueError(f"chunk {chunk} does not divide the queue size {n}")
         if is_tx:
@@ -377,10 +377,11 @@ class NetDriver:
             templates.append(b)
         dq.replay = Replay(templates, ChainBatch(n), chunk, next_back=first_back)
 
-    def replay(self, index: int) -> int:
-        """Reclaim what the device used on queue ``index`` and re-add the same slots, a
-        chunk at a time, kicking when needed; returns how many chains came back. Raises
-        :class:`NetDriverError` when the device used the chains out of order."""
+    def replay(self, index: int, refill: bool = True) -> int:
+        """Reclaim what the device used on queue ``index`` and (with ``refill``) re-add
+        the same slots, a chunk at a time, kicking when needed; returns how many chains
+        came back. Raises :class:`NetDriverError` when the device used the chains out of
+        order."""
         dq = self._queue(index)
         r = dq.replay
         if r is None:
@@ -393,7 +394,7 @@ class NetDriver:
                                      "needs in-order use")
             r.next_back = (r.next_back + got) % dq.slots
         added = False
-        while q.num_free >= r.chunk:
+        while refill and q.num_free >= r.chunk:
             q.add(r.templates[r.next_add], publish=False)
             r.next_add = (r.next_add + 1) % len(r.templates)
             added = True

@@ -11,6 +11,7 @@ one is valid in the rings of another because every back-end maps the same table.
 
 from __future__ import annotations
 
+import gc
 import logging
 import mmap
 import os
@@ -18,7 +19,7 @@ import os
 import numpy as np
 
 from vqcore import GuestMemory
-from vqcore.errors import VirtioError
+from vqcore.errors import MemoryRegionError, VirtioError
 
 from pyvirtio.vhost_user.messages import MemRegion, MemTable
 
@@ -31,7 +32,7 @@ DEFAULT_GPA = 1 << 32
 
 
 class SharedMemoryError(VirtioError, MemoryError):
-    """The shared memory is exhausted, or used after :meth:`SharedGuestMemory.close`."""
+    """The shared memory is exhausted, or an address is outside it."""
 
 
 class SharedGuestMemory:
@@ -107,13 +108,27 @@ class SharedGuestMemory:
         return self._mmap is None
 
     def close(self) -> None:
-        """Unmap and close the memfd. Every queue over :attr:`memory` must be gone."""
+        """Close the memfd and unmap. If queues or arrays over the memory are still
+        alive somewhere (a traceback's frames, say), the mapping goes when the last of
+        them does: nothing here keeps it. Idempotent."""
         if self._mmap is None:
             return
-        self.memory.close()
-        self._array = None
-        self._mmap.close()
-        self._mmap = None
+        mm, self._mmap = self._mmap, None
+        try:
+            self.memory.close()           # drops the region exports, unless queues use it
+            self._array = None
+            mm.close()
+        except (MemoryRegionError, BufferError):
+            gc.collect()                  # a queue kept alive only by a reference cycle
+            try:
+                self.memory.close()
+                self._array = None
+                mm.close()
+            except (MemoryRegionError, BufferError):
+                log.debug("memfd %d: still in use; unmapped when the last user is gone",
+                          self.fd)
+                self._array = None
+                self.memory = GuestMemory()   # drop ours: the users hold the old one
         os.close(self.fd)
         self.fd = -1
 

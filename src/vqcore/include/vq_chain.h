@@ -148,6 +148,29 @@ fail:
     return rc;
 }
 
+/* Packed ring (section 2.8.8): an indirect table of `n` packed descriptors (addr, len,
+ * id, flags), all used in order; NEXT and id are ignored, INDIRECT is not allowed. */
+static inline int vq_walk_table_seq(struct vq_memory *m, const void *table, uint32_t n,
+                                    struct vq_batch *b, struct vq_walk *w, struct vq_err *e)
+{
+    const volatile uint64_t *p = (const volatile uint64_t *)table;
+    for (uint32_t i = 0; i < n; i++) {
+        struct vq_desc d;
+        uint64_t addr = vq_le64(p[2 * i]);
+        uint64_t rest = vq_le64(p[2 * i + 1]);      /* len | id << 32 | flags << 48 */
+        d.addr = addr;
+        d.len = (uint32_t)rest;
+        d.flags = (uint16_t)(rest >> 48);
+        d.next = 0;
+        if (d.flags & VIRTQ_DESC_F_INDIRECT)
+            return vq_fail(e, VQ_E_INDIRECT_NESTED, i, d.addr, d.len);
+        int rc = vq_walk_buffer(m, b, w, &d, i, e);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
 /* Record a walked chain as the next entry of the batch. */
 static inline void vq_batch_commit(struct vq_batch *b, const struct vq_walk *w, uint16_t id)
 {

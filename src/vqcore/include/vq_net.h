@@ -22,7 +22,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "vq_split.h"
+#include "vq_queue.h"
+#include "vq_ring.h"
 
 #define VQ_NET_MAC_TABLE 64
 #define VQ_NET_MAX_IOV 1024          /* IOV_MAX on Linux */
@@ -137,9 +138,9 @@ static inline void vq_iov_write(const struct iovec *iov, uint32_t n, uint64_t of
     }
 }
 
-static inline void vq_net_notify(struct vq_split_dev *q, int call_fd, struct vq_net_stats *st)
+static inline void vq_net_notify(struct vq_dev *q, int call_fd, struct vq_net_stats *st)
 {
-    if (call_fd >= 0 && vq_split_needs_notification(q)) {
+    if (call_fd >= 0 && q->ops->needs_notification(q->q)) {
         uint64_t one = 1;
         ssize_t r = write(call_fd, &one, sizeof one);
         (void)r;
@@ -151,10 +152,10 @@ static inline void vq_net_notify(struct vq_split_dev *q, int call_fd, struct vq_
 
 /* One TX burst: returns frames sent, or a negative status (a violation: the chains
  * before it were still sent and returned). */
-static inline int vq_net_tx_burst(struct vq_split_dev *q, struct vq_batch *b, int fd,
+static inline int vq_net_tx_burst(struct vq_dev *q, struct vq_batch *b, int fd,
                                   uint32_t hdr_len, int call_fd, struct vq_net_stats *st)
 {
-    int rc = vq_split_pop(q, b);
+    int rc = q->ops->pop(q->q, b);
     int status = 0;
     if (rc < 0) {
         if (b->count == 0) {
@@ -170,8 +171,7 @@ static inline int vq_net_tx_burst(struct vq_split_dev *q, struct vq_batch *b, in
         b->used_len[i] = 0;
         if (b->rbytes[i] < hdr_len) {
             /* a TX chain shorter than the virtio-net header: the guest is broken */
-            q->broken = 1;
-            status = vq_fail(&q->err, VQ_E_NET_HDR, b->head[i], b->rbytes[i], hdr_len);
+            status = vq_dev_fail(q, VQ_E_NET_HDR, b->head[i], b->rbytes[i], hdr_len);
             st->errors++;
             i++;                /* return this chain too, with length 0 */
             break;
@@ -187,7 +187,7 @@ static inline int vq_net_tx_burst(struct vq_split_dev *q, struct vq_batch *b, in
         if (w < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 /* the fd is full: give the rest back to the ring, retry later */
-                vq_split_unpop(q, b, i);
+                q->ops->unpop(q->q, b, i);
                 st->ring_empty = 0;
                 break;
             }
@@ -201,13 +201,14 @@ static inline int vq_net_tx_burst(struct vq_split_dev *q, struct vq_batch *b, in
     }
     if (i > b->count)
         i = b->count;
-    if (i) {
-        vq_split_push(q, b->head, b->used_len, i);
-        vq_net_notify(q, call_fd, st);
-    }
+    /* counters first: whoever sees the used chains sees the counts too */
     st->packets += sent;
     if (sent)
         st->bursts++;
+    if (i) {
+        q->ops->push(q->q, b->head, b->used_len, i);
+        vq_net_notify(q, call_fd, st);
+    }
     return status ? status : (int)sent;
 }
 
@@ -216,13 +217,13 @@ static inline int vq_net_tx_burst(struct vq_split_dev *q, struct vq_batch *b, in
 /* One RX burst of at most max_packets frames. max_frame: the largest frame the fd may
  * deliver, header included (e.g. 65550 + 12 with guest GSO offloads, else MTU + 30).
  * Returns frames delivered, or a negative status. */
-static inline int vq_net_rx_burst(struct vq_split_dev *q, struct vq_batch *b, int fd,
+static inline int vq_net_rx_burst(struct vq_dev *q, struct vq_batch *b, int fd,
                                   uint32_t hdr_len, int mrg_rxbuf, uint32_t max_frame,
                                   const struct vq_net_filter *filter, uint32_t max_packets,
                                   int call_fd, struct vq_net_stats *st)
 {
     struct iovec iov[VQ_NET_MAX_IOV];
-    int rc = vq_split_pop(q, b);
+    int rc = q->ops->pop(q->q, b);
     int status = 0;
     st->tap_empty = 0;
     st->ring_empty = 0;
@@ -237,7 +238,7 @@ static inline int vq_net_rx_burst(struct vq_split_dev *q, struct vq_batch *b, in
     uint32_t held = 0;
     for (uint32_t i = 0; i < n; i++)
         held += b->ndesc[i];
-    int whole_ring = (held == q->size && q->num_inflight == n);
+    int whole_ring = (held == q->size && *q->num_inflight == n);
     while (c < n && delivered < max_packets) {
         uint32_t k = c, niov = 0;
         uint64_t room = 0;
@@ -245,8 +246,7 @@ static inline int vq_net_rx_burst(struct vq_split_dev *q, struct vq_batch *b, in
             uint32_t w0 = b->seg_start[k] + b->nread[k], w1 = b->seg_start[k + 1];
             if (b->wbytes[k] < (k == c ? hdr_len : 1u)) {
                 /* an RX chain with no room for the header: the guest is broken */
-                q->broken = 1;
-                status = vq_fail(&q->err, VQ_E_NET_HDR, b->head[k], b->wbytes[k], hdr_len);
+                status = vq_dev_fail(q, VQ_E_NET_HDR, b->head[k], b->wbytes[k], hdr_len);
                 st->errors++;
                 goto out;
             }
@@ -264,7 +264,8 @@ static inline int vq_net_rx_burst(struct vq_split_dev *q, struct vq_batch *b, in
             c++;
             continue;
         }
-        if (mrg_rxbuf && room < max_frame && !(whole_ring && k == n)) {
+        /* (only before any chain was used: those the burst fills go back to the guest) */
+        if (mrg_rxbuf && room < max_frame && !(whole_ring && c == 0 && k == n)) {
             st->ring_empty = 1;
             st->no_room++;
             break;              /* wait for more buffers; the frame stays in the fd */
@@ -310,16 +311,16 @@ static inline int vq_net_rx_burst(struct vq_split_dev *q, struct vq_batch *b, in
         c = j;
     }
 out:
-    vq_split_unpop(q, b, c);
-    if (c) {
-        vq_split_push(q, b->head, b->used_len, c);
-        vq_net_notify(q, call_fd, st);
-    }
+    q->ops->unpop(q->q, b, c);
     if (n == 0)
         st->ring_empty = 1;
     st->packets += delivered;
     if (delivered)
         st->bursts++;
+    if (c) {
+        q->ops->push(q->q, b->head, b->used_len, c);
+        vq_net_notify(q, call_fd, st);
+    }
     return status ? status : (int)delivered;
 }
 

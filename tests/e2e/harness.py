@@ -1,0 +1,817 @@
+"""Boot the e2e guest (:mod:`guest`) under QEMU with a virtio-net NIC, inside a network
+namespace the harness creates, and talk to it.
+
+One :class:`Testbed` per test:
+
+* a network namespace (``vqe2e-<pid>-...``, IPv6 off, ``lo`` up) holding a persistent
+  TAP ``vqtap0`` with the host side's address (:data:`HOST_IP`); nothing is configured
+  in the root namespace;
+* the NIC's backend, one of :data:`BACKENDS`:
+
+  - ``"qemu-tap"``: QEMU's own userspace TAP backend
+    (``-netdev tap,ifname=vqtap0,script=no,downscript=no,vhost=off``);
+  - ``"vhost-user"``: ``pyvirtio net --socket-path SOCK --tap vqtap0 --queues N``
+    (:class:`Backend`, started by the harness inside the namespace) and
+    ``-chardev socket,path=SOCK[,reconnect=1] -netdev vhost-user``;
+
+* QEMU (:class:`Qemu`): ``-accel tcg -cpu max`` (KVM only when a probe boot succeeds,
+  :func:`accelerator`), guest RAM on a shared memfd, ``-nodefaults -display none
+  -monitor none [-no-reboot] -serial file:console-N.log``, ``-device
+  virtio-net-pci,netdev=n0,vectors=0[,mq=on][,packed=on][,host_mtu=M]``; QEMU runs
+  inside the namespace (``ip netns exec``);
+* the guest's console markers (``VQ-READY``, ``VQ-END rc=N``) waited on with timeouts
+  (:meth:`Qemu.wait_ready`, :meth:`Qemu.wait_end`), the guest agent (:class:`Agent`) to
+  run commands in the guest over TCP, host-side commands in the namespace
+  (:meth:`Testbed.host`).
+
+:meth:`Testbed.close` always ends every QEMU and backend process the testbed started
+(by pid) and removes the namespace; :meth:`Testbed.keep_logs` copies the console,
+QEMU and backend logs to an artifacts folder (the fixture does it when a test fails).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from pyvirtio import netns as _netns
+from pyvirtio.netns import NetNamespace
+
+from guest import AGENT_PORT, GuestImage, kernel_cmdline
+
+__all__ = [
+    "BACKENDS", "GUEST_IP", "HOST_IP", "PREFIXLEN", "GUEST_MAC", "TAP_NAME",
+    "HarnessError", "GuestTimeout", "GuestFailed", "BackendFailed", "AgentError",
+    "qemu_binary", "accelerator", "VmConfig", "Qemu", "Backend", "Agent", "AgentResult",
+    "Testbed", "parse_features", "guest_feature_bits",
+]
+
+log = logging.getLogger("e2e.harness")
+
+#: the NIC backends a test can run over
+BACKENDS = ("qemu-tap", "vhost-user")
+GUEST_IP = "10.0.2.15"
+HOST_IP = "10.0.2.1"
+PREFIXLEN = 24
+GUEST_MAC = "52:54:00:12:34:56"
+TAP_NAME = "vqtap0"
+#: how long a guest may take from QEMU's start to VQ-READY (TCG: 2-4 s; slack for CI)
+BOOT_TIMEOUT = 90.0
+#: how long the backend may take to listen on its socket (Python start + imports)
+BACKEND_START_TIMEOUT = 30.0
+
+QEMU = "qemu-system-x86_64"
+_READY = re.compile(r"VQ-READY features=([01]*)")
+_END = re.compile(r"VQ-END rc=(\d+)")
+_RC = re.compile(rb"VQ-RC (\d+)\n?\Z")
+
+
+class HarnessError(RuntimeError):
+    """The e2e harness could not do what a test asked."""
+
+
+class GuestTimeout(HarnessError, TimeoutError):
+    """A console marker did not appear in time."""
+
+
+class GuestFailed(HarnessError):
+    """QEMU exited, or the guest reported an error, before the awaited marker."""
+
+
+class BackendFailed(HarnessError):
+    """``pyvirtio net`` exited or did not come up."""
+
+
+class AgentError(HarnessError):
+    """The guest agent could not be reached or a command failed."""
+
+
+# ---------------------------------------------------------------------------------------
+# QEMU and the accelerator
+
+def qemu_binary() -> str | None:
+    """Path of ``qemu-system-x86_64`` or ``None``."""
+    return shutil.which(QEMU)
+
+
+def qemu_version() -> str:
+    """``QEMU emulator version ...`` (first line)."""
+    binary = qemu_binary()
+    if binary is None:
+        return "none"
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+_ACCEL: dict[str, tuple[str, str]] = {}
+
+
+def accelerator(image: GuestImage) -> tuple[str, str]:
+    """``(accel, cpu)`` for QEMU: ``("kvm", "host")`` only when a probe guest really
+    boots to its end marker under KVM, else ``("tcg", "max")``. Probed once per process;
+    ``VQ_E2E_ACCEL=tcg|kvm`` forces a choice."""
+    forced = os.environ.get("VQ_E2E_ACCEL")
+    if forced in ("tcg", "kvm"):
+        return (forced, "host" if forced == "kvm" else "max")
+    if image.key not in _ACCEL:
+        _ACCEL[image.key] = _probe_accelerator(image)
+    return _ACCEL[image.key]
+
+
+def _probe_accelerator(image: GuestImage) -> tuple[str, str]:
+    if not os.path.exists("/dev/kvm") or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return ("tcg", "max")
+    binary = qemu_binary()
+    if binary is None:
+        return ("tcg", "max")
+    with tempfile.TemporaryDirectory(prefix="vqe2e-kvm-") as tmp:
+        console = Path(tmp) / "console.log"
+        argv = [binary, "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+                "-display", "none", "-monitor", "none", "-no-reboot",
+                "-serial", f"file:{console}", "-kernel", str(image.kernel),
+                "-initrd", str(image.initrd),
+                "-append", kernel_cmdline(command="true")]
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            text = console.read_text(errors="replace") if console.exists() else ""
+            ok = proc.returncode == 0 and "VQ-END rc=0" in text
+            reason = (proc.stderr.strip().splitlines() or ["no end marker"])[-1]
+        except subprocess.TimeoutExpired:
+            ok, reason = False, "hung for 30 s"
+    if ok:
+        log.info("KVM probe boot succeeded in %.1f s: using KVM", time.monotonic() - t0)
+        return ("kvm", "host")
+    log.info("KVM probe boot failed (%s): using TCG", reason)
+    return ("tcg", "max")
+
+
+@dataclass
+class VmConfig:
+    """How to boot one guest."""
+
+    backend: str = "qemu-tap"           # one of BACKENDS
+    queues: int = 1                     # queue pairs (mq=on when > 1)
+    smp: int | None = None              # vCPUs (default: queues)
+    memory_mb: int = 512
+    packed: bool = False                # packed=on
+    host_mtu: int | None = None         # host_mtu=M (the guest's eth0 takes it)
+    reconnect: bool = False             # vhost-user chardev reconnect=1
+    no_reboot: bool = True              # -no-reboot (a guest reboot ends QEMU)
+    command: str | None = None          # the guest's vq.cmd (None: the agent server)
+    guest_mtu: int | None = None        # vq.mtu: ip link set eth0 mtu M in the guest
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        if self.queues < 1:
+            raise ValueError("queues must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------
+# processes
+
+def _alive(proc: subprocess.Popen | None) -> bool:
+    return proc is not None and proc.poll() is None
+
+
+def _end_process(proc: subprocess.Popen, what: str, *, term_timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``term_timeout``; reap. Only ``proc`` itself."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=term_timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("%s (pid %d) ignored SIGTERM for %.0f s: SIGKILL", what, proc.pid,
+                    term_timeout)
+        proc.kill()
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Qemu:
+    """One QEMU process (started by :meth:`Testbed.boot`) and its console."""
+
+    def __init__(self, argv: list[str], console: Path, log_path: Path, config: VmConfig,
+                 netns: str) -> None:
+        self.argv = argv
+        self.console = console
+        self.log_path = log_path
+        self.config = config
+        self.netns = netns
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.boot_seconds: float | None = None
+        self.features: str | None = None     # sysfs bit string at the last VQ-READY
+
+    def start(self) -> None:
+        """Start QEMU inside the namespace."""
+        self.console.touch()
+        self.started = time.monotonic()
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *self.argv],
+                                         stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        log.info("QEMU pid %d: %s", self.proc.pid, shlex.join(self.argv))
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.proc)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def text(self) -> str:
+        """The console so far."""
+        try:
+            return self.console.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float, *, start: int = 0,
+                 what: str = "") -> tuple[re.Match[str], int]:
+        """Wait until ``pattern`` appears in the console after offset ``start``; return the
+        match and the offset after it. :class:`GuestFailed` if QEMU exits first (or the
+        guest printed ``VQ-ERROR``), :class:`GuestTimeout` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()
+            m = pattern.search(text, start)
+            if m:
+                return m, m.end()
+            err = re.search(r"VQ-ERROR[^\n]*", text[start:])
+            if err and pattern.pattern.startswith("VQ-READY"):
+                raise GuestFailed(f"guest: {err.group(0)}\n{self.diagnostics()}")
+            if not self.alive:
+                # the marker may have been written just before the exit
+                text = self.text()
+                m = pattern.search(text, start)
+                if m:
+                    return m, m.end()
+                rc = self.proc.returncode if self.proc else None
+                raise GuestFailed(f"QEMU exited (rc={rc}) before {what or pattern.pattern}"
+                                  f"\n{self.diagnostics()}")
+            if time.monotonic() > deadline:
+                raise GuestTimeout(f"no {what or pattern.pattern} within {timeout:.0f} s\n"
+                                   f"{self.diagnostics()}")
+            time.sleep(0.05)
+
+    def wait_ready(self, timeout: float = BOOT_TIMEOUT, *, start: int = 0) -> int:
+        """Wait for ``VQ-READY`` (after console offset ``start``); returns the offset after
+        it. The first call records :attr:`boot_seconds`."""
+        m, end = self.wait_for(_READY, timeout, start=start, what="VQ-READY")
+        self.features = m.group(1)
+        if self.boot_seconds is None:
+            self.boot_seconds = time.monotonic() - self.started
+            log.info("guest ready in %.2f s", self.boot_seconds)
+        return end
+
+    def wait_end(self, timeout: float, *, start: int = 0) -> int:
+        """Wait for ``VQ-END rc=N``; returns N."""
+        m, _ = self.wait_for(_END, timeout, start=start, what="VQ-END")
+        return int(m.group(1))
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for QEMU to exit (the guest powered off); its exit code."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestTimeout(f"QEMU still running after {timeout:.0f} s\n"
+                               f"{self.diagnostics()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL QEMU (as a crash would) and reap it."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """End QEMU: SIGTERM (QEMU exits cleanly), then SIGKILL."""
+        if self.proc is not None:
+            _end_process(self.proc, "QEMU", term_timeout=10)
+
+    def diagnostics(self) -> str:
+        return (f"--- console ({self.console}) ---\n{_tail(self.console)}\n"
+                f"--- qemu log ({self.log_path}) ---\n{_tail(self.log_path, 10)}")
+
+
+class Backend:
+    """``pyvirtio net`` started inside the namespace, serving ``socket_path``."""
+
+    def __init__(self, netns: str, socket_path: Path, log_path: Path, *, tap: str,
+                 queues: int = 1, extra: Sequence[str] = ()) -> None:
+        self.netns = netns
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.argv = [sys.executable, "-m", "pyvirtio", "-v", "net", "--socket-path",
+                     str(socket_path), "--tap", tap, "--queues", str(queues), *extra]
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.proc)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = BACKEND_START_TIMEOUT) -> None:
+        """Start the backend and wait until it listens on its socket."""
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        with open(self.log_path, "ab") as out:
+            out.write(f"=== {time.strftime('%H:%M:%S')} start: "
+                      f"{shlex.join(self.argv)}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *self.argv],
+                                         stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self._listening():
+            if not self.alive:
+                raise BackendFailed(f"pyvirtio net exited (rc={self.proc.returncode}) "
+                                    f"before listening\n{_tail(self.log_path)}")
+            if time.monotonic() > deadline:
+                raise BackendFailed(f"pyvirtio net not listening on {self.socket_path} "
+                                    f"after {timeout:.0f} s\n{_tail(self.log_path)}")
+            time.sleep(0.05)
+        log.info("backend pid %d listening on %s", self.pid, self.socket_path)
+
+    def _listening(self) -> bool:
+        """Whether the backend's process has a listening socket at our path (read from
+        ``/proc/<pid>/net/unix``: the namespace's table; flags 0x10000 = listening)."""
+        if self.proc is None:
+            return False
+        try:
+            with open(f"/proc/{self.proc.pid}/net/unix") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            return False
+        path = str(self.socket_path)
+        for line in lines:
+            parts = line.split()
+            if len(parts) >= 8 and parts[-1] == path and int(parts[3], 16) & 0x10000:
+                return True
+        return False
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (clean shutdown), then SIGKILL; the exit code."""
+        if self.proc is None:
+            return None
+        _end_process(self.proc, "pyvirtio net", term_timeout=timeout)
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+# ---------------------------------------------------------------------------------------
+# the guest agent
+
+@dataclass
+class AgentResult:
+    """A command's exit code and its output (stdout and stderr together)."""
+
+    rc: int
+    output: bytes
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+class Agent:
+    """Client of the guest agent (``vq-serve``: one command per TCP connection)."""
+
+    def __init__(self, netns: str, address: str = GUEST_IP, port: int = AGENT_PORT) -> None:
+        self.netns = netns
+        self.address = address
+        self.port = port
+
+    def _connect(self, timeout: float) -> socket.socket:
+        sock = _netns.socket_in(self.netns, socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((self.address, self.port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def run(self, command: str, *, stdin: bytes = b"", timeout: float = 60.0,
+            check: bool = True) -> AgentResult:
+        """Run ``command`` (``sh -c``) in the guest, feeding it ``stdin``; wait for its
+        end. ``check``: :class:`AgentError` when the exit code is not 0."""
+        if "\n" in command:
+            raise ValueError("an agent command is one line")
+        try:
+            sock = self._connect(min(timeout, 10.0))
+        except OSError as exc:
+            raise AgentError(f"guest agent {self.address}:{self.port} unreachable: "
+                             f"{exc}") from exc
+        sender_error: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                sock.sendall(command.encode() + b"\n")
+                if stdin:
+                    view = memoryview(stdin)
+                    for off in range(0, len(view), 1 << 16):
+                        sock.sendall(view[off:off + (1 << 16)])
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                sender_error.append(exc)
+
+        deadline = time.monotonic() + timeout
+        sender = threading.Thread(target=send, daemon=True)
+        chunks: list[bytes] = []
+        try:
+            sock.settimeout(1.0)
+            sender.start()
+            while True:
+                if time.monotonic() > deadline:
+                    raise AgentError(f"guest command {command!r} did not end within "
+                                     f"{timeout:.0f} s")
+                try:
+                    data = sock.recv(1 << 16)
+                except socket.timeout:
+                    continue
+                except OSError as exc:
+                    raise AgentError(f"guest command {command!r}: connection lost: "
+                                     f"{exc}") from exc
+                if not data:
+                    break
+                chunks.append(data)
+        finally:
+            sock.close()
+            sender.join(timeout=5)
+        output = b"".join(chunks)
+        m = _RC.search(output)
+        if m is None:
+            detail = f"; sending failed: {sender_error[0]}" if sender_error else ""
+            raise AgentError(f"guest command {command!r}: no exit code in the reply "
+                             f"({len(output)} bytes: {output[-200:]!r}){detail}")
+        result = AgentResult(int(m.group(1)), output[:m.start()])
+        if check and result.rc != 0:
+            raise AgentError(f"guest command {command!r} failed (rc={result.rc}): "
+                             f"{result.text[-2000:]}")
+        return result
+
+    def wait(self, timeout: float = 30.0) -> float:
+        """Wait until the agent answers; the seconds it took."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                self.run("true", timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+                return time.monotonic() - t0
+            except AgentError as exc:
+                last = exc
+                time.sleep(0.2)
+        raise AgentError(f"guest agent not answering after {timeout:.0f} s: {last}")
+
+
+# ---------------------------------------------------------------------------------------
+# features
+
+def guest_feature_bits(sysfs: str) -> int:
+    """The feature word of ``/sys/class/net/eth0/device/features`` (char i = bit i)."""
+    value = 0
+    for i, c in enumerate(sysfs.strip()):
+        if c == "1":
+            value |= 1 << i
+        elif c != "0":
+            raise ValueError(f"not a feature bit string: {sysfs!r}")
+    return value
+
+
+def parse_features(names: str) -> int:
+    """The value of a ``pyvirtio.features.describe()`` list of spec names."""
+    from pyvirtio.features import NetFeature, Transport, spec_name
+    table = {spec_name(m): int(m) for cls in (NetFeature, Transport) for m in cls}
+    value = 0
+    for name in (n.strip() for n in names.split(",")):
+        if not name or name == "none":
+            continue
+        if name not in table:
+            raise ValueError(f"unknown feature name {name!r}")
+        value |= table[name]
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# the testbed
+
+@dataclass
+class HostResult:
+    """A host-side command's exit code and output."""
+
+    argv: list[str]
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class Testbed:
+    """A namespace with a TAP, the NIC backend and the QEMU guests of one test."""
+
+    def __init__(self, image: GuestImage, workdir: Path, *, name: str = "e2e") -> None:
+        self.image = image
+        self.workdir = Path(workdir)
+        self.name = name
+        self.ns: NetNamespace | None = None
+        self.backends: list[Backend] = []
+        self.qemus: list[Qemu] = []
+        self.multiqueue_tap = False
+        self._sockdir = Path(tempfile.mkdtemp(prefix="vqe2e-"))   # short: sun_path limit
+        self.socket_path = self._sockdir / "vhost-user.sock"
+        self._log_files: list[Path] = []
+        self.timings: dict[str, float] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def __enter__(self) -> "Testbed":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open_namespace(self, *, multiqueue_tap: bool) -> None:
+        """Create the namespace and the TAP ``vqtap0`` (``multi_queue`` when asked: a
+        vhost-user backend's queues and QEMU's ``queues=N`` need it) with the host
+        address, up."""
+        if self.ns is not None:
+            return
+        self.ns = NetNamespace(prefix="vqe2e")
+        self.ns.open()
+        self.multiqueue_tap = multiqueue_tap
+        for key in ("net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"):
+            with _netns.entered(self.ns.name), open(f"/proc/sys/{key}", "w") as f:
+                f.write("1")
+        ifr = {"no_pi": 1, "vnet_hdr": 1}
+        if multiqueue_tap:
+            ifr["multi_queue"] = 1
+        with self.ns.iproute() as ipr:
+            ipr.link("set", index=1, state="up")
+            ipr.link("add", ifname=TAP_NAME, kind="tuntap", mode="tap", ifr=ifr)
+            index = ipr.link_lookup(ifname=TAP_NAME)[0]
+            ipr.addr("add", index=index, address=HOST_IP, prefixlen=PREFIXLEN)
+            ipr.link("set", index=index, state="up")
+        log.info("namespace %s: %s %s/%d%s", self.ns.name, TAP_NAME, HOST_IP, PREFIXLEN,
+                 " multi_queue" if multiqueue_tap else "")
+
+    @property
+    def netns(self) -> str:
+        if self.ns is None:
+            raise HarnessError("the testbed has no namespace yet")
+        return self.ns.name
+
+    def close(self) -> None:
+        """End every QEMU and backend started here (by pid), remove the namespace and
+        the socket folder. Safe to call twice; never raises for a cleanup step."""
+        for qemu in self.qemus:
+            try:
+                qemu.stop()
+            except Exception as exc:  # noqa: BLE001 - cleanup goes on
+                log.warning("stopping QEMU %s: %s", qemu.proc and qemu.proc.pid, exc)
+        for backend in self.backends:
+            try:
+                backend.stop()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("stopping the backend: %s", exc)
+        if self.ns is not None:
+            try:
+                self.ns.remove()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("removing namespace %s: %s", self.ns.name, exc)
+        shutil.rmtree(self._sockdir, ignore_errors=True)
+
+    def keep_logs(self, dest: Path) -> list[Path]:
+        """Copy every console, QEMU and backend log to ``dest``; the copies."""
+        dest.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for path in self._log_files:
+            if path.exists():
+                target = dest / path.name
+                shutil.copyfile(path, target)
+                kept.append(target)
+        return kept
+
+    def _new_log(self, stem: str) -> Path:
+        n = sum(1 for p in self._log_files if p.name.startswith(stem + "-")) + 1
+        path = self.workdir / f"{stem}-{n}.log"
+        self._log_files.append(path)
+        return path
+
+    # -- the backend --------------------------------------------------------------------
+    def start_backend(self, *, queues: int = 1, extra: Sequence[str] = ()) -> Backend:
+        """Start ``pyvirtio net`` on :attr:`socket_path` with the TAP (the namespace is
+        created first, with a multiqueue TAP)."""
+        self.open_namespace(multiqueue_tap=True)
+        path = self.backends[0].log_path if self.backends else self._new_log("backend")
+        backend = Backend(self.netns, self.socket_path, path, tap=TAP_NAME,
+                          queues=queues, extra=extra)
+        self.backends.append(backend)
+        backend.start()
+        return backend
+
+    @property
+    def backend(self) -> Backend:
+        """The backend started last."""
+        if not self.backends:
+            raise HarnessError("no backend started")
+        return self.backends[-1]
+
+    # -- QEMU ---------------------------------------------------------------------------
+    def qemu_argv(self, config: VmConfig, console: Path) -> list[str]:
+        """QEMU's command line for ``config`` (console to ``console``)."""
+        binary = qemu_binary()
+        if binary is None:
+            raise HarnessError(f"{QEMU} is not installed")
+        accel, cpu = accelerator(self.image)
+        smp = config.smp or config.queues
+        argv = [binary, "-accel", accel, "-cpu", cpu, "-smp", str(smp),
+                "-m", f"{config.memory_mb}M",
+                "-object", f"memory-backend-memfd,id=mem,size={config.memory_mb}M,share=on",
+                "-numa", "node,memdev=mem",
+                "-nodefaults", "-display", "none", "-monitor", "none"]
+        if config.no_reboot:
+            argv.append("-no-reboot")
+        argv += ["-serial", f"file:{console}",
+                 "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+                 "-append", kernel_cmdline(ip=f"{GUEST_IP}/{PREFIXLEN}",
+                                           mtu=config.guest_mtu,
+                                           queues=config.queues if config.queues > 1
+                                           else None,
+                                           command=config.command,
+                                           extra=["ipv6.disable=1"])]
+        queues = f",queues={config.queues}" if config.queues > 1 else ""
+        if config.backend == "vhost-user":
+            reconnect = ",reconnect=1" if config.reconnect else ""
+            argv += ["-chardev", f"socket,id=c0,path={self.socket_path}{reconnect}",
+                     "-netdev", f"vhost-user,id=n0,chardev=c0{queues}"]
+        else:
+            argv += ["-netdev", f"tap,id=n0,ifname={TAP_NAME},script=no,downscript=no,"
+                                f"vhost=off{queues}"]
+        device = f"virtio-net-pci,netdev=n0,mac={GUEST_MAC},vectors=0"
+        if config.queues > 1:
+            device += ",mq=on"
+        if config.packed:
+            device += ",packed=on"
+        if config.host_mtu:
+            device += f",host_mtu={config.host_mtu}"
+        argv += ["-device", device]
+        return argv
+
+    def boot(self, config: VmConfig, *, wait: bool = True,
+             timeout: float = BOOT_TIMEOUT) -> Qemu:
+        """Start a QEMU guest for ``config`` (namespace and, for vhost-user, the backend
+        first, unless already there); with ``wait`` wait for ``VQ-READY``."""
+        if config.backend == "vhost-user":
+            if not self.backends:
+                self.start_backend(queues=config.queues)
+        else:
+            self.open_namespace(multiqueue_tap=config.queues > 1)
+        console = self._new_log("console")
+        qemu = Qemu(self.qemu_argv(config, console), console, self._new_log("qemu"),
+                    config, self.netns)
+        self.qemus.append(qemu)
+        qemu.start()
+        if wait:
+            qemu.wait_ready(timeout)
+        return qemu
+
+    def agent(self) -> Agent:
+        """A client of the guest agent."""
+        return Agent(self.netns)
+
+    # -- host side ----------------------------------------------------------------------
+    def host(self, argv: Sequence[str], *, timeout: float = 120.0,
+             check: bool = False) -> HostResult:
+        """Run ``argv`` inside the namespace (``ip netns exec``)."""
+        full = ["ip", "netns", "exec", self.netns, *argv]
+        try:
+            proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise HarnessError(f"host command {shlex.join(argv)} did not end within "
+                               f"{timeout:.0f} s") from exc
+        result = HostResult(list(argv), proc.returncode, proc.stdout, proc.stderr)
+        if check and proc.returncode != 0:
+            raise HarnessError(f"host command {shlex.join(argv)} failed "
+                               f"(rc={proc.returncode}): {proc.stderr or proc.stdout}")
+        return result
+
+    def host_popen(self, argv: Sequence[str], log_name: str) -> subprocess.Popen:
+        """Start ``argv`` inside the namespace in the background, output to a log."""
+        path = self._new_log(log_name)
+        with open(path, "ab") as out:
+            return subprocess.Popen(["ip", "netns", "exec", self.netns, *argv],
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT)
+
+    def host_ping(self, address: str = GUEST_IP, *, count: int = 3, size: int = 56,
+                  wait: int = 10) -> HostResult:
+        """busybox ping from the namespace."""
+        return self.host(["busybox", "ping", "-c", str(count), "-s", str(size),
+                          "-W", str(wait), address], timeout=wait + count * 2 + 30)
+
+    def iperf3(self, *, reverse: bool = False, seconds: float | None = None,
+               nbytes: int | None = None, udp: bool = False, length: int | None = None,
+               bitrate: str | None = None, parallel: int = 1, port: int = 5201,
+               timeout: float = 120.0) -> dict:
+        """iperf3 client in the namespace against the guest's server; the JSON result."""
+        argv = ["iperf3", "-c", GUEST_IP, "-p", str(port), "-J"]
+        if nbytes is not None:
+            argv += ["-n", str(nbytes)]
+        else:
+            argv += ["-t", f"{seconds or 3:g}"]
+        if reverse:
+            argv.append("-R")
+        if udp:
+            argv.append("-u")
+        if length:
+            argv += ["-l", str(length)]
+        if bitrate:
+            argv += ["-b", bitrate]
+        if parallel > 1:
+            argv += ["-P", str(parallel)]
+        result = self.host(argv, timeout=timeout)
+        try:
+            data = json.loads(result.stdout)
+        except json.JSONDecodeError as exc:
+            raise HarnessError(f"iperf3 printed no JSON (rc={result.rc}): "
+                               f"{result.stdout[-500:]} {result.stderr[-500:]}") from exc
+        if "error" in data:
+            raise HarnessError(f"iperf3: {data['error']}")
+        return data
+
+    def tap_mtu(self) -> int:
+        """The TAP's MTU (host side)."""
+        with self.ns.iproute() as ipr:   # type: ignore[union-attr]
+            return int(ipr.get_links(ifname=TAP_NAME)[0].get("mtu"))
+
+    def tap_counters(self) -> dict[str, int]:
+        """The TAP's ``rx_bytes``/``tx_bytes``/``rx_packets``/``tx_packets`` (host side:
+        rx = frames from the guest, tx = frames to the guest)."""
+        with self.ns.iproute() as ipr:   # type: ignore[union-attr]
+            stats = ipr.get_links(ifname=TAP_NAME)[0].get("IFLA_STATS64")
+        return {k: int(stats[k]) for k in ("rx_bytes", "tx_bytes", "rx_packets",
+                                            "tx_packets", "rx_dropped", "tx_dropped")}
+
+    def timed(self, name: str) -> "_Timer":
+        """``with testbed.timed("x"):`` records the block's seconds in :attr:`timings`."""
+        return _Timer(self.timings, name)
+
+
+class _Timer:
+    def __init__(self, sink: dict[str, float], name: str) -> None:
+        self.sink, self.name = sink, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        self.sink[self.name] = time.monotonic() - self.t0
+
+
+@contextlib.contextmanager
+def testbed(image: GuestImage, workdir: Path, *, name: str = "e2e") -> Iterator[Testbed]:
+    """``with testbed(image, dir) as tb:`` — closed whatever happens."""
+    tb = Testbed(image, workdir, name=name)
+    try:
+        yield tb
+    finally:
+        tb.close()

@@ -1,0 +1,411 @@
+"""A tiny raw vhost-user front-end for the back-end's tests.
+
+It speaks the wire format directly (the structs of :mod:`pyvirtio.vhost_user.messages`,
+``socket.send_fds``), so a test can send anything: well-formed sequences, messages cut
+short, wrong fd counts, bodies of the wrong size. Guest memory is a ``memfd``
+(:class:`GuestRam`) whose ``userspace_addr`` is this process's mapping.
+
+* :class:`Peer` — one connection: ``send`` / ``recv`` messages, ``ask`` (a request with
+  a reply), ``call`` (a request with ``need_reply``, returning the ack), and the
+  requests of the protocol as small methods.
+* :func:`start_net` — QEMU's start sequence for N queue pairs, rings laid out by a
+  :class:`pyvirtio.net.driver.NetDriver` over the memfd, an eventfd per kick and call;
+  returns the driver, ready to send and receive.
+* :func:`serving` — a back-end with its server in a thread (context manager).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+import vqcore
+from pyvirtio.backends.loopback import Loopback
+from pyvirtio.backends.sink import Sink
+from pyvirtio.net.driver import NetDriver
+from pyvirtio.status import DeviceStatus
+from pyvirtio.vhost_user.backend import VhostUserNetBackend
+from pyvirtio.vhost_user.connection import Connection, PeerClosed
+from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, HEADER,
+                                          VERSION, VRING_NOFD_MASK, ConfigSpace, MemRegion,
+                                          MemTable, Message, ProtocolFeature, Request,
+                                          SingleMemRegion, U64, VringAddr, VringState)
+from pyvirtio.vhost_user.server import VhostUserServer
+
+#: guest-physical base of test memory: neither 0 nor the mapping's own address
+GPA_BASE = 1 << 32
+#: the protocol features the tests' front-end asks for
+ALL_PROTOCOL = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
+                   | ProtocolFeature.NET_MTU | ProtocolFeature.RARP
+                   | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.STATUS
+                   | ProtocolFeature.RESET_DEVICE)
+
+
+class Nack(AssertionError):
+    """The back-end answered a request with a non-zero ack."""
+
+
+# ---------------------------------------------------------------------------------------
+# guest memory
+
+class GuestRam:
+    """A memfd of ``size`` bytes mapped here, guest-physical at ``gpa``; its
+    ``userspace_addr`` (:attr:`uva`) is this mapping's address."""
+
+    def __init__(self, size: int = 8 << 20, *, gpa: int = GPA_BASE, name: str = "test-ram"
+                 ) -> None:
+        self.size = size
+        self.gpa = gpa
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.array = np.frombuffer(self._mm, np.uint8)
+        self.uva = int(self.array.ctypes.data)
+        self.memory = vqcore.GuestMemory()
+        self.memory.add_region(gpa, self.array, uva=self.uva)
+
+    def region(self) -> MemRegion:
+        """This memory as a vhost-user region."""
+        return MemRegion(self.gpa, self.size, self.uva, 0)
+
+    def uva_of(self, gpa: int) -> int:
+        """The user address of guest-physical ``gpa``."""
+        assert self.gpa <= gpa < self.gpa + self.size
+        return self.uva + gpa - self.gpa
+
+    def close(self) -> None:
+        """Unmap (every queue over :attr:`memory` must be gone) and close the memfd."""
+        if self.fd < 0:
+            return
+        gc.collect()
+        try:
+            self.memory.close()
+            self.array = None
+            self._mm.close()
+        except (vqcore.MemoryRegionError, BufferError):
+            pass                      # a queue still holds it: the mapping goes with it
+        os.close(self.fd)
+        self.fd = -1
+
+
+# ---------------------------------------------------------------------------------------
+# the connection
+
+class Peer:
+    """A raw front-end connection to a back-end socket."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.timeout = timeout
+        self.conn = Connection(self.sock, message_timeout=timeout)
+        self.reply_ack = False
+
+    # -- raw ---------------------------------------------------------------------------
+    def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Bytes as they are, with ``fds`` riding on the first byte."""
+        if fds:
+            sent = socket.send_fds(self.sock, [data], list(fds))
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+        else:
+            self.sock.sendall(data)
+
+    def send(self, request: int, body: bytes = b"", fds: Sequence[int] = (), *,
+             need_reply: bool = False, flags: int = VERSION, size: int | None = None
+             ) -> None:
+        """One message (``size`` overrides the header's size field)."""
+        flags |= FLAG_NEED_REPLY if need_reply else 0
+        header = HEADER.pack(int(request), flags, len(body) if size is None else size)
+        self.send_raw(header + bytes(body), fds)
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message from the back-end."""
+        return self.conn.recv(self.timeout if timeout is None else timeout)
+
+    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """Whether the back-end closes the connection within ``timeout`` (anything it
+        sends meanwhile is skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if not select.select([self.sock], [], [], left)[0]:
+                return False
+            try:
+                data = self.sock.recv(4096)
+            except ConnectionResetError:
+                return True
+            if not data:
+                return True
+
+    # -- requests ------------------------------------------------------------------------
+    def ask(self, request: Request, body: bytes = b"", fds: Sequence[int] = ()) -> Message:
+        """A request with a reply of its own; returns the reply (checked)."""
+        self.send(request, body, fds)
+        reply = self.recv()
+        assert reply.is_reply and reply.request == request, reply
+        return reply
+
+    def call(self, request: Request, body: bytes = b"", fds: Sequence[int] = (), *,
+             check: bool = True) -> int:
+        """A request without a reply of its own. With REPLY_ACK it carries need_reply
+        and the ack is returned (``check``: raise :class:`Nack` if non-zero)."""
+        self.send(request, body, fds, need_reply=self.reply_ack)
+        if not self.reply_ack:
+            return 0
+        reply = self.recv()
+        assert reply.is_reply and reply.request == request, reply
+        ack = U64.unpack(reply.body).value
+        if check and ack:
+            raise Nack(f"{request.name} refused ({ack})")
+        return ack
+
+    def get_u64(self, request: Request) -> int:
+        return U64.unpack(self.ask(request).body).value
+
+    def get_features(self) -> int:
+        return self.get_u64(Request.GET_FEATURES)
+
+    def set_features(self, features: int, **kw) -> int:
+        return self.call(Request.SET_FEATURES, U64(features).pack(), **kw)
+
+    def negotiate_protocol(self, features: int = ALL_PROTOCOL) -> int:
+        """GET/SET_PROTOCOL_FEATURES (offered ∩ ``features``); returns the result."""
+        offered = self.get_u64(Request.GET_PROTOCOL_FEATURES)
+        pf = offered & features
+        self.send(Request.SET_PROTOCOL_FEATURES, U64(pf).pack())
+        self.reply_ack = bool(pf & ProtocolFeature.REPLY_ACK)
+        return pf
+
+    def set_mem_table(self, rams: Sequence[GuestRam], **kw) -> int:
+        table = MemTable([r.region() for r in rams])
+        return self.call(Request.SET_MEM_TABLE, table.pack(), [r.fd for r in rams], **kw)
+
+    def add_mem_reg(self, region: MemRegion, fd: int, **kw) -> int:
+        return self.call(Request.ADD_MEM_REG, SingleMemRegion(region).pack(), [fd], **kw)
+
+    def rem_mem_reg(self, region: MemRegion, fds: Sequence[int] = (), **kw) -> int:
+        return self.call(Request.REM_MEM_REG, SingleMemRegion(region).pack(), fds, **kw)
+
+    def vring_num(self, index: int, num: int, **kw) -> int:
+        return self.call(Request.SET_VRING_NUM, VringState(index, num).pack(), **kw)
+
+    def vring_base(self, index: int, base: int, **kw) -> int:
+        return self.call(Request.SET_VRING_BASE, VringState(index, base).pack(), **kw)
+
+    def vring_addr(self, index: int, desc: int, avail: int, used: int, flags: int = 0,
+                   **kw) -> int:
+        body = VringAddr(index, flags, desc, used, avail, 0).pack()
+        return self.call(Request.SET_VRING_ADDR, body, **kw)
+
+    def vring_fd(self, request: Request, index: int, fd: int | None, **kw) -> int:
+        """SET_VRING_KICK/CALL/ERR: ``fd`` None sends the no-fd flag."""
+        value = index | (VRING_NOFD_MASK if fd is None else 0)
+        return self.call(request, U64(value).pack(), [] if fd is None else [fd], **kw)
+
+    def vring_enable(self, index: int, on: bool, **kw) -> int:
+        return self.call(Request.SET_VRING_ENABLE, VringState(index, int(on)).pack(), **kw)
+
+    def get_vring_base(self, index: int) -> int:
+        reply = self.ask(Request.GET_VRING_BASE, VringState(index, 0).pack())
+        state = VringState.unpack(reply.body)
+        assert state.index == index
+        return state.num
+
+    def get_config(self, offset: int, size: int) -> ConfigSpace:
+        reply = self.ask(Request.GET_CONFIG, ConfigSpace(offset, size, 0, bytes(size)).pack())
+        return ConfigSpace.unpack(reply.body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "Peer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------
+# QEMU's start sequence with a NetDriver over the memfd
+
+@dataclass
+class Guest:
+    """A started front-end: the driver over the shared memory and its eventfds."""
+    peer: Peer
+    ram: GuestRam
+    driver: NetDriver
+    features: int
+
+    def addresses(self, index: int) -> tuple[int, int, int]:
+        """User addresses (desc, avail, used) of ring ``index``."""
+        a = self.driver.ring_addresses(index)
+        return self.ram.uva_of(a.desc), self.ram.uva_of(a.avail), self.ram.uva_of(a.used)
+
+    def setup_ring(self, index: int, *, base: int = 0, kick: bool = True,
+                   poll: bool = False) -> None:
+        """SET_VRING_NUM/BASE/ADDR/CALL and (``kick``) SET_VRING_KICK for ring
+        ``index`` (``poll``: the no-fd flag instead of the kick eventfd)."""
+        p = self.peer
+        dq = self.driver._queue(index)
+        p.vring_num(index, dq.queue.size)
+        p.vring_base(index, base)
+        p.vring_addr(index, *self.addresses(index))
+        p.vring_fd(Request.SET_VRING_CALL, index, dq.call_fd)
+        if kick:
+            p.vring_fd(Request.SET_VRING_KICK, index, None if poll else dq.kick_fd)
+
+    def enable(self, on: bool = True, indices: Sequence[int] | None = None) -> None:
+        for i in (range(2 * self.driver.pairs) if indices is None else indices):
+            self.peer.vring_enable(i, on)
+
+    def stop(self) -> dict[int, int]:
+        """QEMU's stop: SET_VRING_ENABLE(0), GET_VRING_BASE per ring."""
+        self.enable(False)
+        return {i: self.peer.get_vring_base(i) for i in range(2 * self.driver.pairs)}
+
+    def close(self) -> None:
+        """Close the eventfds and drop the driver (the memory stays)."""
+        for dq in self.driver.all_queues():
+            for fd in (dq.kick_fd, dq.call_fd):
+                if fd >= 0:
+                    os.close(fd)
+            dq.kick_fd = dq.call_fd = -1
+        self.driver = None        # type: ignore[assignment]
+        gc.collect()
+
+
+def new_driver(ram: GuestRam, features: int, *, pairs: int = 1, queue_size: int = 256,
+               base_offset: int = 0) -> NetDriver:
+    """A NetDriver laid out in ``ram`` (from ``base_offset``) with fresh eventfds."""
+    driver = NetDriver(ram.memory, pairs=pairs, queue_size=queue_size, ctrl=False,
+                       base=ram.gpa + base_offset, size=ram.size - base_offset,
+                       tx_buffer=2048)
+    driver.setup(features)
+    for dq in driver.all_queues():
+        dq.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        dq.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    return driver
+
+
+def start_net(peer: Peer, ram: GuestRam, *, pairs: int = 1, queue_size: int = 256,
+              features: int | None = None, protocol: int = ALL_PROTOCOL,
+              enable: bool = True, post_rx: bool = True, memory: str = "table") -> Guest:
+    """QEMU's sequence: features, protocol features, owner, features set, memory
+    (``memory``: "table" for SET_MEM_TABLE, "add" for ADD_MEM_REG), per ring
+    NUM/BASE/ADDR/CALL/KICK, then SET_VRING_ENABLE(1) (``enable``) and RX buffers
+    posted (``post_rx``)."""
+    offered = peer.get_features()
+    want = offered if features is None else features & offered
+    if want & F_PROTOCOL_FEATURES:
+        peer.negotiate_protocol(protocol)
+    peer.call(Request.SET_OWNER)
+    peer.set_features(want)
+    if memory == "table":
+        peer.set_mem_table([ram])
+    elif memory == "add":
+        peer.add_mem_reg(ram.region(), ram.fd)
+    driver = new_driver(ram, want, pairs=pairs, queue_size=queue_size)
+    guest = Guest(peer, ram, driver, want)
+    for i in range(2 * pairs):
+        guest.setup_ring(i)
+    if enable and want & F_PROTOCOL_FEATURES:
+        guest.enable(True)
+    if post_rx:
+        for p in range(pairs):
+            driver.post_rx(p)
+    return guest
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    """Poll ``predicate`` until it holds; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.005)
+
+
+def recv_frames(driver: NetDriver, pair: int, count: int, timeout: float = 5.0
+                ) -> list[bytes]:
+    """``count`` frames from ``pair`` (fewer if they do not come within ``timeout``)."""
+    out: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        out += [f for _, f in driver.recv(pair, timeout=min(left, 0.2))]
+    return out
+
+
+def frame(i: int, size: int = 64, src: bytes = b"\x02\x00\x00\x00\x00\x01") -> bytes:
+    """A test Ethernet frame carrying its sequence number ``i`` (experimental type)."""
+    head = b"\xff" * 6 + src + b"\x88\xb5" + struct.pack("<I", i)
+    return head + bytes((i + k) & 0xFF for k in range(size - len(head)))
+
+
+# ---------------------------------------------------------------------------------------
+# a back-end in a thread
+
+@dataclass
+class Serving:
+    path: str
+    backend: VhostUserNetBackend
+    server: VhostUserServer
+    packet: object
+
+    def connect(self, timeout: float = 5.0) -> Peer:
+        return Peer(self.path, timeout)
+
+
+@contextmanager
+def serving(tmp_path, packet: str | object = "sink", *, queues: int = 1,
+            message_timeout: float = 1.0, **kwargs) -> Iterator[Serving]:
+    """A :class:`VhostUserNetBackend` over ``packet`` ("sink", "loopback" or an object)
+    with its server in a thread on ``tmp_path/vhost.sock``."""
+    if packet == "sink":
+        packet = Sink(queues)
+    elif packet == "loopback":
+        packet = Loopback(queues)
+    path = str(tmp_path / "vhost.sock")
+    backend = VhostUserNetBackend(packet, queues=queues, **kwargs)
+    server = VhostUserServer(backend, socket_path=path, message_timeout=message_timeout)
+    thread = threading.Thread(target=server.serve_forever, name="vhost-server", daemon=True)
+    thread.start()
+    try:
+        yield Serving(path, backend, server, packet)
+    finally:
+        server.shutdown()
+        thread.join(10)
+        assert not thread.is_alive(), "the server did not stop"
+        server.close()
+        backend.close()
+        if hasattr(packet, "close") and isinstance(packet, (Sink, Loopback)):
+            packet.close()
+
+
+def status_bits(*names: str) -> int:
+    """``DeviceStatus`` bits by name."""
+    value = 0
+    for n in names:
+        value |= DeviceStatus[n]
+    return int(value)
+
+
+log = logging.getLogger("tests.vhost_user_peer")
