@@ -191,7 +191,6 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
     next_b = 0
     cur = None           # (batch number, first chain, chains already added)
     expect_used = []     # chains in the order the device pushed them
-    expect_head = 0
     num_free = size
     dev_asleep = True    # notifications enabled (as after reset) and nothing pending
     drv_asleep = True    # interrupts enabled (as after reset) and nothing used
@@ -255,7 +254,7 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
         return segs[nz], per_chain
 
     def device_turn():
-        nonlocal popped, kicked, dev_asleep, irq, expect_head
+        nonlocal popped, irq
         pb = next(pop_cycle)
         pending = dev.pending()
         assert pending == added - popped
@@ -339,7 +338,7 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
                 assert not wl.done[seqs].any()
                 wl.done[seqs] = True
                 # response bytes: the pattern up to used_len, the rest untouched
-                s = np.concatenate([spans(wl.chain_s0[seqs], wl.length[seqs])])
+                s = spans(wl.chain_s0[seqs], wl.length[seqs])
                 ws = s[wl.seg_w[s]]
                 widx = spans(wl.seg_off[ws], wl.seg_len[ws])
                 wb = wl.wbytes[seqs]

@@ -436,7 +436,7 @@ def test_pyvirtio_net_subprocess_serves_one_frontend_after_another(tmp_path, ram
         proc = subprocess.Popen([sys.executable, "-m", "pyvirtio", "net", "--socket-path", path,
                                  "--loopback", "--queues", "2"], stdout=logf, stderr=logf)
     try:
-        wait_for(lambda: os.path.exists(path), 30, "the socket")
+        wait_for(lambda: os.path.exists(path), 120, "the socket")
         for round_ in range(2):
             with Peer(path) as p:
                 g = start_net(p, ram, pairs=2)

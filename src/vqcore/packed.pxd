@@ -4,7 +4,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from vqcore.memory cimport vq_memory
 from vqcore.batch cimport vq_batch
 from vqcore.status cimport vq_err
-from vqcore.queue cimport QueueBase
+from vqcore.memory cimport GuestMemory
+from vqcore.queue cimport QueueBase, DeviceQueue, DriverQueue, vq_dev, vq_drv
 
 cdef extern from "vq_packed.h" nogil:
     struct vq_pdesc:
@@ -73,11 +74,13 @@ cdef extern from "vq_packed.h" nogil:
     int vq_packed_drv_reclaim(vq_packed_drv *q, vq_batch *b)
     void vq_packed_drv_disable_interrupts(vq_packed_drv *q)
     int vq_packed_drv_enable_interrupts(vq_packed_drv *q)
+    void vq_packed_dev_handle(vq_packed_dev *q, vq_dev *h)
+    void vq_packed_drv_handle(vq_packed_drv *q, vq_drv *h)
 
 
-cdef class PackedDeviceQueue(QueueBase):
+cdef class PackedDeviceQueue(DeviceQueue):
     cdef vq_packed_dev q
 
 
-cdef class PackedDriverQueue(QueueBase):
+cdef class PackedDriverQueue(DriverQueue):
     cdef vq_packed_drv q

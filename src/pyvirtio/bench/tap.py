@@ -145,6 +145,17 @@ class Sample:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
+def thread_cpu_ns(tid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of thread ``tid`` of this process,
+    from ``/proc/self/task/<tid>/schedstat``; (0, 0) when the kernel does not say."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as fh:
+            run, wait = fh.read().split()[:2]
+        return int(run), int(wait)
+    except (OSError, ValueError):
+        return 0, 0
+
+
 # ---------------------------------------------------------------------------------------
 # frames
 
@@ -304,6 +315,7 @@ class Guest:
         self.bench = bench
         self.pairs = pairs
         self.buffer = np.zeros(pairs * QUEUE_SIZE * (TX_SLOT + RX_SLOT) + (8 << 20), np.uint8)
+        self.buffer.fill(1)                  # fault every page in now, as a running guest has
         self.memory = vqcore.GuestMemory([(0, self.buffer)])
         self.device = NetDevice(bench.tap, mac=GUEST_MAC, max_pairs=pairs,
                                 queue_size=QUEUE_SIZE, ctrl_queue=True, poll=poll)
@@ -349,6 +361,15 @@ class Guest:
             except BlockingIOError:
                 pass
 
+    def worker_cpu_ns(self) -> tuple[int, int]:
+        """(ns on a CPU, ns waiting for one) of the device's worker threads, summed."""
+        run = wait = 0
+        for w in self.device.workers.values():
+            if w.native_id is not None:
+                r, q = thread_cpu_ns(w.native_id)
+                run, wait = run + r, wait + q
+        return run, wait
+
     def stats(self, kind: str) -> dict[str, int]:
         """The device's counters of one direction, summed over the pairs."""
         total: dict[str, int] = {}
@@ -357,13 +378,22 @@ class Guest:
                 total[k] = total.get(k, 0) + v
         return total
 
-    @staticmethod
-    def _info(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    def _mark(self, kind: str) -> tuple[dict[str, int], tuple[int, int], int]:
+        return self.stats(kind), self.worker_cpu_ns(), time.thread_time_ns()
+
+    def _info(self, kind: str, mark: tuple[dict[str, int], tuple[int, int], int]
+              ) -> dict[str, float]:
+        """What the device's counters and the threads' CPU time say since ``mark``."""
+        before, (run0, wait0), guest0 = mark
+        after, (run1, wait1), guest1 = self._mark(kind)
         d = {k: after[k] - before[k] for k in after}
         frames = max(d["packets"], 1)
         return {"frames_per_burst": d["packets"] / max(d["bursts"], 1),
                 "interrupts_per_kframe": 1000 * d["notifications"] / frames,
-                "no_room": float(d["no_room"]), "errors": float(d["errors"])}
+                "no_room": float(d["no_room"]), "errors": float(d["errors"]),
+                "cpu_ns_per_frame": (run1 - run0) / frames,
+                "cpu_wait_ns_per_frame": (wait1 - wait0) / frames,
+                "guest_cpu_ns_per_frame": (guest1 - guest0) / frames}
 
     def send(self, frame: bytes, frames: int) -> Sample:
         """Send about ``frames`` copies of ``frame`` (spread over the pairs), keeping
@@ -377,7 +407,8 @@ class Guest:
             self._tx_frame = frame
         per_pair = max(frames // self.pairs, 1)
         done = [0] * self.pairs
-        s0, c0 = self.stats("tx"), self.bench.counters()
+        c0 = self.bench.counters()
+        mark = self._mark("tx")
         t0 = time.perf_counter()
         deadline = t0 + RUN_TIMEOUT
         while True:
@@ -398,18 +429,19 @@ class Guest:
                     raise TapBenchError("TX: the device did not return every chain")
                 self._wait("tx", 0.05)
         t1 = time.perf_counter()
-        c1, s1 = self.bench.counters(), self.stats("tx")
+        info = self._info("tx", mark)
+        c1 = self.bench.counters()
         counted = c1["rx_packets"] - c0["rx_packets"]
         if counted < sum(done):
             log.warning("TX: the guest sent %d frames, the TAP counted %d", sum(done), counted)
-        return Sample(counted, t1 - t0, self._info(s0, s1))
+        return Sample(counted, t1 - t0, info)
 
     def receive(self, until: Callable[[int], bool]) -> tuple[int, dict[str, float]]:
         """Re-post RX buffers per batch until ``until(frames received)``; returns the
         frames received and the device's burst figures."""
         rx = [2 * p for p in range(self.pairs)]
         drv = self.driver
-        s0 = self.stats("rx")
+        mark = self._mark("rx")
         received = 0
         deadline = time.perf_counter() + RUN_TIMEOUT
         for i in rx:
@@ -422,7 +454,7 @@ class Guest:
             if time.perf_counter() > deadline:
                 raise TapBenchError(f"RX: {received} frames in {RUN_TIMEOUT:.0f} s")
             self._wait("rx", 0.01)
-        return received, self._info(s0, self.stats("rx"))
+        return received, self._info("rx", mark)
 
 
 def tx_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> Sample:
@@ -500,11 +532,16 @@ def rx_drain_ours(bench: TapBench, size: int, pairs: int, poll: bool, per_queue:
 # the baselines: plain C loops of the same syscalls on the same fds
 
 def _threads(fn: Callable[[int], object], n: int) -> list[object]:
-    """``fn(0..n-1)`` in ``n`` threads at once; their results."""
+    """``fn(0..n-1)`` in ``n`` threads at once; their results, each as ``(result,
+    (ns on a CPU, ns waiting for one))`` of its thread."""
     out: list[object] = [None] * n
 
     def run(k: int) -> None:
-        out[k] = fn(k)
+        tid = threading.get_native_id()
+        r0, w0 = thread_cpu_ns(tid)
+        result = fn(k)
+        r1, w1 = thread_cpu_ns(tid)
+        out[k] = (result, (r1 - r0, w1 - w0))
 
     threads = [threading.Thread(target=run, args=(k,), name=f"bench-{k}") for k in range(n)]
     for t in threads:
@@ -525,9 +562,17 @@ def tx_baseline(bench: TapBench, size: int, pairs: int, frames: int) -> Sample:
     results = _threads(lambda k: netbench.writev_loop(fds[k], frame, max(frames // pairs, 1),
                                                       timeout=RUN_TIMEOUT), pairs)
     c1 = bench.counters()
-    seconds = max(r[2] for r in results)  # type: ignore[index]
-    refused = sum(r[1] for r in results)  # type: ignore[index]
-    return Sample(c1["rx_packets"] - c0["rx_packets"], seconds, {"refused": float(refused)})
+    return _loop_sample(c1["rx_packets"] - c0["rx_packets"], results, 2)
+
+
+def _loop_sample(frames: int, results: list, seconds_at: int) -> Sample:
+    """A baseline sample from :func:`_threads` results of C loops whose tuple has the
+    seconds at ``seconds_at``: timed by the slowest, CPU summed over the threads."""
+    seconds = max(r[0][seconds_at] for r in results)
+    run = sum(r[1][0] for r in results)
+    wait = sum(r[1][1] for r in results)
+    n = max(frames, 1)
+    return Sample(frames, seconds, {"cpu_ns_per_frame": run / n, "cpu_wait_ns_per_frame": wait / n})
 
 
 def _readers(fds: Sequence[int]) -> list[threading.Thread]:
@@ -559,13 +604,12 @@ def rx_drain_baseline(bench: TapBench, size: int, pairs: int, per_queue: int) ->
     ``tx_packets``, timed from the first frame read to the last."""
     bench.tap.set_active_queues(pairs)
     fds = bench.tap.fds[:pairs]
-    bench.fill(size, pairs, per_queue)
+    queued = bench.fill(size, pairs, per_queue)
     c0 = bench.counters()
-    results = _threads(lambda k: netbench.readv_loop(fds[k], 1 << 62, timeout=RUN_TIMEOUT,
-                                                     idle=0.02), pairs)
+    results = _threads(lambda k: netbench.readv_loop(fds[k], min(per_queue, queued),
+                                                     timeout=RUN_TIMEOUT, idle=0.02), pairs)
     c1 = bench.counters()
-    seconds = max(r[2] for r in results)  # type: ignore[index]
-    return Sample(c1["tx_packets"] - c0["tx_packets"], seconds)
+    return _loop_sample(c1["tx_packets"] - c0["tx_packets"], results, 2)
 
 
 # ---------------------------------------------------------------------------------------

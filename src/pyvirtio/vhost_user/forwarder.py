@@ -24,6 +24,7 @@ import logging
 import os
 import select
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,7 +173,7 @@ class ForwardPath:
         starts, per = [], []
         i = 0
         while i < count:
-            k = max(int(nbuf[i]), 1)
+            k = min(max(int(nbuf[i]), 1), self.rx.slots)   # a sane count, whatever it says
             if i + k > count:
                 break
             starts.append(i)
@@ -396,7 +397,6 @@ class Forwarder:
 
     def drain(self, timeout: float = 5.0) -> bool:
         """Hand back every buffer the paths hold (see :meth:`ForwardPath.drain`)."""
-        import time
         deadline = time.monotonic() + timeout
         paths = [p for row in self.paths for p in row]
         for path in paths:

@@ -49,7 +49,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -598,13 +598,14 @@ class VhostUserFrontend:
             raise FrontendError(f"{self.name}: already started")
         driver = self._layout()
         fresh = bases is None
-        if fresh:
+        start_at: dict[int, int] = {}
+        if bases is None:
             self._reset_rings()
-            bases = {}
         else:
             missing = [i for i in range(self.num_queues) if i not in bases]
             if missing:
                 raise ValueError(f"no base for ring(s) {missing}")
+            start_at = {i: int(bases[i]) & 0xFFFF for i in range(self.num_queues)}
         if not self._features_sent:
             self._set_features()
         self._send_memory()
@@ -614,7 +615,7 @@ class VhostUserFrontend:
             i = dq.index
             q = dq.queue
             self.request(Request.SET_VRING_NUM, VringState(i, q.size).pack())
-            self.request(Request.SET_VRING_BASE, VringState(i, int(bases.get(i, 0))).pack())
+            self.request(Request.SET_VRING_BASE, VringState(i, start_at.get(i, 0)).pack())
             ring_len = split_addresses(0, q.size).end
             desc = self.memory.uva_of(q.desc_addr, ring_len)
             self.request(Request.SET_VRING_ADDR, VringAddr(
@@ -642,7 +643,7 @@ class VhostUserFrontend:
             os.eventfd_write(dq.kick_fd, 1)
             dq.kicks += 1
         log.info("%s: %d queue pair(s) started%s", self.name, self.pairs,
-                 "" if fresh else f" from {dict(bases)}")
+                 "" if fresh else f" from {start_at}")
 
     def stop(self) -> dict[int, int]:
         """Stop every ring (GET_VRING_BASE); returns ring index -> the back-end's next
@@ -871,7 +872,7 @@ class VhostUserFrontend:
             first = []
             i = 0
             while i < count:
-                k = max(int(nbuf[i]), 1)
+                k = min(max(int(nbuf[i]), 1), dq.slots)
                 if i + k > count:
                     break
                 first.append(i)

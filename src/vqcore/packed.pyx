@@ -1,0 +1,232 @@
+"""The packed virtqueue (VIRTIO 1.2 section 2.8), device side and driver side.
+
+The same API as the split ring (:mod:`vqcore.split`): the data-path methods are those
+of :class:`vqcore.queue.DeviceQueue` / :class:`vqcore.queue.DriverQueue`. The three
+addresses are the descriptor ring, the driver event suppression area and the device
+event suppression area (``avail_addr`` and ``used_addr`` hold the latter two). Indices
+read and set through ``next_avail``/``next_used`` carry the wrap counter in bit 15, as
+vhost-user's GET/SET_VRING_BASE do.
+"""
+
+from collections import namedtuple
+
+import numpy as np
+
+from libc.stdint cimport uintptr_t
+
+from vqcore.errors import LayoutError
+
+DESC_ALIGN = 16
+EVENT_ALIGN = 4
+MAX_QUEUE_SIZE = 32768
+
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2
+
+PackedLayout = namedtuple("PackedLayout", "size desc_size event_size")
+PackedLayout.__doc__ = "Byte sizes of a packed ring's descriptor ring and event areas."
+
+PackedAddresses = namedtuple("PackedAddresses", "desc driver device end")
+PackedAddresses.__doc__ = "Guest addresses of a packed ring laid out in one area."
+
+
+def check_packed_size(size):
+    """Raise :class:`LayoutError` unless ``size`` is in 1..32768 (any number: packed
+    rings need no power of two)."""
+    if not isinstance(size, int) or not 1 <= size <= MAX_QUEUE_SIZE:
+        raise LayoutError(f"packed queue size {size!r} is not in 1..{MAX_QUEUE_SIZE}")
+
+
+def packed_layout(size):
+    """Sizes of the descriptor ring (16 bytes a slot) and of each event area (4)."""
+    check_packed_size(size)
+    return PackedLayout(size, 16 * size, 4)
+
+
+def packed_addresses(base, size):
+    """Lay a packed ring out from ``base``: descriptors, driver area, device area."""
+    lay = packed_layout(size)
+    if base % DESC_ALIGN:
+        raise LayoutError(f"base {base:#x} is not 16-byte aligned")
+    drv = base + lay.desc_size
+    dev = drv + 4
+    return PackedAddresses(base, drv, dev, dev + 4)
+
+
+cdef inline void *_data(arr):
+    return <void *><uintptr_t>arr.ctypes.data
+
+
+cdef int _map_packed(QueueBase self, GuestMemory memory, unsigned int size,
+                     unsigned long long desc, unsigned long long driver,
+                     unsigned long long device, bint event_idx, str name,
+                     vq_pdesc **d, vq_pevent **drv, vq_pevent **dev) except -1:
+    check_packed_size(size)
+    for what, addr, align in (("descriptor ring", desc, DESC_ALIGN),
+                              ("driver area", driver, EVENT_ALIGN),
+                              ("device area", device, EVENT_ALIGN)):
+        if addr % align:
+            raise LayoutError(f"{what} address {addr:#x} is not {align}-byte aligned")
+    d[0] = <vq_pdesc *>memory.ptr_or_raise(desc, 16 * size, "descriptor ring")
+    drv[0] = <vq_pevent *>memory.ptr_or_raise(driver, 4, "driver area")
+    dev[0] = <vq_pevent *>memory.ptr_or_raise(device, 4, "device area")
+    self._attach(memory, size, desc, driver, device, event_idx, name)
+    return 0
+
+
+cdef inline unsigned int _split_idx(unsigned int value, unsigned int size, str what) except? 0xFFFFFFFF:
+    if value > 0xFFFF or (value & 0x7FFF) >= size:
+        raise ValueError(f"{what} {value:#x}: index (bits 0-14) must be below {size}, "
+                         f"wrap counter in bit 15")
+    return value
+
+
+cdef class PackedDeviceQueue(DeviceQueue):
+    """The device side of a packed virtqueue.
+
+    ``PackedDeviceQueue(memory, size, desc_addr, driver_addr, device_addr, event_idx=False)``
+    """
+
+    def __init__(self, GuestMemory memory not None, unsigned int size,
+                 unsigned long long desc_addr, unsigned long long driver_addr,
+                 unsigned long long device_addr, *, bint event_idx=False, str name=""):
+        cdef vq_pdesc *d
+        cdef vq_pevent *drv
+        cdef vq_pevent *dev
+        _map_packed(self, memory, size, desc_addr, driver_addr, device_addr, event_idx,
+                    name or f"packed-device[{size}]", &d, &drv, &dev)
+        self._state = {"inflight": np.zeros(size, np.uint8), "ndesc": np.zeros(size, np.uint16)}
+        self.q.size = size
+        self.q.desc, self.q.driver_event, self.q.device_event = d, drv, dev
+        self.q.mem = memory.mem
+        self.q.inflight = <uint8_t *>_data(self._state["inflight"])
+        self.q.id_ndesc = <uint16_t *>_data(self._state["ndesc"])
+        self.q.event_idx = event_idx
+        vq_packed_dev_handle(&self.q, &self.h)
+        self.reset()
+
+    def reset(self):
+        """Back to the initial state: position 0, wrap counters 1, nothing in flight."""
+        self._state["inflight"][:] = 0
+        self.q.num_inflight = 0
+        self.q.next_avail = 0
+        self.q.next_used = 0
+        self.q.avail_wrap = 1
+        self.q.used_wrap = 1
+        self.q.signalled_used = 0
+        self.q.signalled_wrap = 1
+        self.q.signalled_valid = 0
+        self.q.broken = 0
+        self._error = None
+
+    @property
+    def next_avail(self):
+        """Next descriptor slot to look at, with the avail wrap counter in bit 15."""
+        return self.q.next_avail | (self.q.avail_wrap << 15)
+
+    @next_avail.setter
+    def next_avail(self, unsigned int value):
+        _split_idx(value, self.size, "next_avail")
+        self.q.next_avail = value & 0x7FFF
+        self.q.avail_wrap = value >> 15
+        self.q.signalled_valid = 0
+
+    @property
+    def next_used(self):
+        """Next descriptor slot to write a used element to, with the used wrap counter
+        in bit 15."""
+        return self.q.next_used | (self.q.used_wrap << 15)
+
+    @next_used.setter
+    def next_used(self, unsigned int value):
+        _split_idx(value, self.size, "next_used")
+        self.q.next_used = value & 0x7FFF
+        self.q.used_wrap = value >> 15
+        self.q.signalled_used = self.q.next_used
+        self.q.signalled_wrap = self.q.used_wrap
+        self.q.signalled_valid = 0
+
+    def __repr__(self):
+        return (f"<PackedDeviceQueue {self.name} size={self.size} next_avail={self.next_avail:#x}"
+                f" next_used={self.next_used:#x}{' BROKEN' if self.q.broken else ''}>")
+
+
+cdef class PackedDriverQueue(DriverQueue):
+    """The driver side of a packed virtqueue (what a guest's driver does).
+
+    ``indirect_addr``/``indirect_max``: a guest-memory area of
+    ``size * indirect_max * 16`` bytes for indirect tables (one table per buffer id).
+    """
+
+    def __init__(self, GuestMemory memory not None, unsigned int size,
+                 unsigned long long desc_addr, unsigned long long driver_addr,
+                 unsigned long long device_addr, *, bint event_idx=False,
+                 indirect_addr=None, unsigned int indirect_max=0, str name=""):
+        cdef vq_pdesc *d
+        cdef vq_pevent *drv
+        cdef vq_pevent *dev
+        _map_packed(self, memory, size, desc_addr, driver_addr, device_addr, event_idx,
+                    name or f"packed-driver[{size}]", &d, &drv, &dev)
+        self.q.ind_host = self._indirect_area(indirect_addr, indirect_max)
+        self.q.ind_gpa = indirect_addr or 0
+        self.q.ind_max = self.indirect_max
+        self._state = {
+            "free_ids": np.zeros(size, np.uint16), "ndesc": np.zeros(size, np.uint16),
+            "wbytes": np.zeros(size, np.uint32), "token": np.zeros(size, np.uint64),
+            "inflight": np.zeros(size, np.uint8),
+        }
+        self.q.size = size
+        self.q.desc, self.q.driver_event, self.q.device_event = d, drv, dev
+        self.q.mem = memory.mem
+        self.q.free_ids = <uint16_t *>_data(self._state["free_ids"])
+        self.q.ndesc = <uint16_t *>_data(self._state["ndesc"])
+        self.q.wbytes = <uint32_t *>_data(self._state["wbytes"])
+        self.q.token = <uint64_t *>_data(self._state["token"])
+        self.q.inflight = <uint8_t *>_data(self._state["inflight"])
+        self.q.event_idx = event_idx
+        vq_packed_drv_handle(&self.q, &self.h)
+        self.reset()
+
+    def reset(self):
+        """Back to the initial state: every slot and id free, wrap counters 1. Also
+        zeroes the descriptor ring and the event areas, as a driver does at setup."""
+        st = self._state
+        # ids are handed out from the top of the stack: 0 first
+        st["free_ids"][:] = np.arange(self.size - 1, -1, -1, dtype=np.uint16)
+        st["inflight"][:] = 0
+        self.q.free_top = self.size
+        self.q.num_free = self.size
+        self.q.next_avail = 0
+        self.q.next_used = 0
+        self.q.kicked_at = 0
+        self.q.avail_wrap = 1
+        self.q.used_wrap = 1
+        self.q.kicked_wrap = 1
+        self.q.broken = 0
+        self._error = None
+        self.memory.write(self.desc_addr, bytes(16 * self.size))
+        self.memory.write(self.avail_addr, bytes(4))
+        self.memory.write(self.used_addr, bytes(4))
+
+    @property
+    def in_flight(self):
+        """Chains added and not yet reclaimed."""
+        return self.size - self.q.free_top
+
+    @property
+    def next_avail(self):
+        """Next slot this driver fills, with its wrap counter in bit 15."""
+        return self.q.next_avail | (self.q.avail_wrap << 15)
+
+    @property
+    def last_used(self):
+        """Next slot this driver reads a used element from, with its wrap counter in
+        bit 15."""
+        return self.q.next_used | (self.q.used_wrap << 15)
+
+    def __repr__(self):
+        return (f"<PackedDriverQueue {self.name} size={self.size} free={self.q.num_free}"
+                f" next_avail={self.next_avail:#x} last_used={self.last_used:#x}>")
