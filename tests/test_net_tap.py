@@ -54,6 +54,8 @@ UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 GSO_SIZE = 1400
 GUEST_USO = N.GUEST_USO4 | N.GUEST_USO6
+#: every feature bit: the guest accepts whatever the device offers
+EVERYTHING = (1 << 64) - 1
 #: the guest offloads CTRL_GUEST_OFFLOADS_SET may switch
 ALL_GUEST_OFFLOADS = int(C.GUEST_OFFLOADS)
 
@@ -124,7 +126,8 @@ def guest_memory(pairs: int, queue_size: int) -> vqcore.GuestMemory:
 def open_rig(pairs: int = 1, *, mtu: int | None = None, features: int | None = None,
              queue_size: int = 256, rx_budget: int | None = None, attach: bool = True,
              txqueuelen: int | None = None) -> Iterator[Rig]:
-    """A :class:`Rig`; ``features``: what the guest accepts (default: all offered)."""
+    """A :class:`Rig`; ``features``: what the guest accepts of what the device offers
+    (default: everything)."""
     with ExitStack() as stack:
         ns = stack.enter_context(nt.namespace())
         tap = stack.enter_context(Tap.create(TAP, pairs, netns=ns, mtu=mtu, mac=nt.HOST_MAC))
@@ -167,6 +170,8 @@ def sent_by_guest(frame: bytes) -> bool:
 
 
 _probe_seq = iter(range(1, 1 << 30))
+ETHERTYPE_PROBE = struct.pack("!H", nt.ETH_P_EXPERIMENTAL)
+ETHERTYPE_VLAN = struct.pack("!H", 0x8100)
 
 
 def probe_frame(dst: bytes, *, vlan: int | None = None) -> bytes:
@@ -176,8 +181,8 @@ def probe_frame(dst: bytes, *, vlan: int | None = None) -> bytes:
     payload += bytes(46 - len(payload))
     if vlan is None:
         return nt.ethernet(dst, nt.HOST_MAC, nt.ETH_P_EXPERIMENTAL, payload)
-    return (dst + nt.HOST_MAC + struct.pack("!HH", 0x8100, vlan)
-            + struct.pack("!H", nt.ETH_P_EXPERIMENTAL) + payload[:42])
+    return dst + nt.HOST_MAC + ETHERTYPE_VLAN + struct.pack("!H", vlan) + ETHERTYPE_PROBE \
+        + payload[:42]
 
 
 def collect(driver: NetDriver, pairs: Sequence[int], count: int,
@@ -212,8 +217,8 @@ def probe(rig: Rig, ps: nt.PacketSocket, frames: Sequence[bytes], *,
     deadline = time.monotonic() + 5.0
     while sentinel not in seen:
         assert time.monotonic() < deadline, "the sentinel frame never reached the guest"
-        seen += [f for _, f in rig.driver.recv(0, timeout=0.1) if f[12:14] in (
-            b"\x88\xb5", b"\x81\x00")]
+        seen += [f for _, f in rig.driver.recv(0, timeout=0.1)
+                 if f[12:14] in (ETHERTYPE_PROBE, ETHERTYPE_VLAN)]
     return [f in seen for f in frames]
 
 
@@ -342,14 +347,28 @@ def send_udp_segment(rig: Rig, payload: bytes, dport: int) -> None:
         assert sock.sendto(payload, (nt.GUEST_IP, dport)) == len(payload)
 
 
-def udp_to(dport: int) -> Callable[[bytes], bool]:
-    def match(frame: bytes) -> bool:
-        parsed = nt.parse_udp_frame(frame)
-        return parsed is not None and parsed.dport == dport
-    return match
+#: the port of the datagram sent after the one under test
+MARKER_PORT = 6999
 
 
-def check_one_gso_frame(got: list[tuple[bytes, bytes]], payload: bytes) -> None:
+def udp_frames_until_marker(rig: Rig, timeout: float = 5.0) -> list[tuple[bytes, bytes]]:
+    """Send a marker datagram after what was sent, then every UDP frame the guest
+    receives before the marker (one queue: in order), so nothing goes unseen."""
+    send_udp_segment(rig, b"marker", MARKER_PORT)
+    got: list[tuple[bytes, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        for hdr, frame in rig.driver.recv(0, timeout=0.1):
+            parsed = nt.parse_udp_frame(frame)
+            if parsed is None:
+                continue
+            if parsed.dport == MARKER_PORT:
+                return got
+            got.append((hdr, frame))
+        assert time.monotonic() < deadline, f"no marker after {len(got)} UDP frames"
+
+
+def check_one_gso_frame(got: list[tuple[bytes, bytes]], payload: bytes, dport: int) -> None:
     assert len(got) == 1, f"{len(got)} frames instead of one GSO frame"
     hdr, frame = got[0]
     flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers = unpack_hdr(hdr)
@@ -357,31 +376,32 @@ def check_one_gso_frame(got: list[tuple[bytes, bytes]], payload: bytes) -> None:
     assert gso_size == GSO_SIZE
     assert flags & VIRTIO_NET_HDR_F_NEEDS_CSUM
     assert (csum_start, csum_offset) == (14 + 20, 6)
+    # MRG_RXBUF: one frame spanning many merged buffers
     assert num_buffers == math.ceil((HDR_LEN + len(frame)) / RX_BUF) > 1
     parsed = nt.parse_udp_frame(frame)
     assert parsed.ip_checksum_ok
-    assert (parsed.src_ip, parsed.dst_ip, parsed.sport) == (nt.HOST_IP, nt.GUEST_IP, 5001)
+    assert (parsed.src_ip, parsed.dst_ip) == (nt.HOST_IP, nt.GUEST_IP)
+    assert (parsed.sport, parsed.dport) == (5001, dport)
     assert parsed.payload == payload
 
 
-def check_segments(got: list[tuple[bytes, bytes]], payload: bytes) -> None:
+def check_segments(got: list[tuple[bytes, bytes]], payload: bytes, dport: int) -> None:
     expected = math.ceil(len(payload) / GSO_SIZE)
-    assert len(got) == expected
+    assert len(got) == expected, f"{len(got)} frames instead of {expected} segments"
     parts = []
     for hdr, frame in got:
         assert unpack_hdr(hdr)[1] == VIRTIO_NET_HDR_GSO_NONE
-        assert unpack_hdr(hdr)[6] == 1
-        parts.append(nt.parse_udp_frame(frame).payload)
+        assert unpack_hdr(hdr)[6] == 1                   # num_buffers
+        parsed = nt.parse_udp_frame(frame)
+        assert parsed.ip_checksum_ok and (parsed.sport, parsed.dport) == (5001, dport)
+        parts.append(parsed.payload)
     assert [len(p) for p in parts[:-1]] == [GSO_SIZE] * (expected - 1)
     assert b"".join(parts) == payload
 
 
 @pytest.mark.parametrize("uso", [True, False], ids=["guest-uso", "no-guest-uso"])
 def test_host_udp_segment_send_reaches_guest(uso):
-    with open_rig(attach=False) as rig:
-        offered = rig.device.device_features
-        accept = offered if uso else offered & ~int(GUEST_USO)
-        rig.features = rig.driver.attach(rig.device, accept)
+    with open_rig(features=None if uso else EVERYTHING & ~int(GUEST_USO)) as rig:
         assert bool(rig.features & N.GUEST_USO4) == uso
         assert bool(rig.features & N.GUEST_USO6) == uso
         assert rig.features & N.MRG_RXBUF
@@ -390,36 +410,28 @@ def test_host_udp_segment_send_reaches_guest(uso):
         nt.set_neighbour(rig.ns, TAP, nt.GUEST_IP, nt.GUEST_MAC)
         payload = pattern(64000, 2)
         send_udp_segment(rig, payload, 6000)
-        if uso:
-            # one GSO frame spanning many merged buffers, with a correct vnet header
-            got = collect(rig.driver, [0], 1, udp_to(6000))[0]
-            check_one_gso_frame(got, payload)
-            # nothing else follows: a later datagram is the next frame
-            send_udp_segment(rig, b"end", 6001)
-            assert len(collect(rig.driver, [0], 1, udp_to(6001))[0]) == 1
-            assert collect(rig.driver, [0], 1, udp_to(6000), timeout=0.05)[0] == []
+        if not uso:
+            # one frame per segment
+            check_segments(udp_frames_until_marker(rig), payload, 6000)
+            return
+        # one GSO frame with a correct vnet header
+        check_one_gso_frame(udp_frames_until_marker(rig), payload, 6000)
 
-            # VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET without USO: the TAP segments again
-            no_uso = rig.features & ALL_GUEST_OFFLOADS & ~int(GUEST_USO)
-            assert rig.ctrl(C.VIRTIO_NET_CTRL_GUEST_OFFLOADS,
-                            C.VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
-                            struct.pack("<Q", no_uso)) == C.VIRTIO_NET_OK
-            assert not rig.tap.offloads & (TUN_F_USO4 | TUN_F_USO6)
-            payload2 = pattern(64000, 3)
-            send_udp_segment(rig, payload2, 6002)
-            check_segments(collect(rig.driver, [0], math.ceil(64000 / GSO_SIZE),
-                                   udp_to(6002))[0], payload2)
-            # and back on
-            assert rig.ctrl(C.VIRTIO_NET_CTRL_GUEST_OFFLOADS,
-                            C.VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
-                            struct.pack("<Q", rig.features & ALL_GUEST_OFFLOADS)
-                            ) == C.VIRTIO_NET_OK
-            assert rig.tap.offloads & TUN_F_USO4
-            send_udp_segment(rig, payload, 6003)
-            check_one_gso_frame(collect(rig.driver, [0], 1, udp_to(6003))[0], payload)
-        else:
-            got = collect(rig.driver, [0], math.ceil(len(payload) / GSO_SIZE), udp_to(6000))[0]
-            check_segments(got, payload)
+        # VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET without USO: the TAP segments again
+        no_uso = rig.features & ALL_GUEST_OFFLOADS & ~int(GUEST_USO)
+        assert rig.ctrl(C.VIRTIO_NET_CTRL_GUEST_OFFLOADS, C.VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
+                        struct.pack("<Q", no_uso)) == C.VIRTIO_NET_OK
+        assert not rig.tap.offloads & (TUN_F_USO4 | TUN_F_USO6)
+        payload2 = pattern(64000, 3)
+        send_udp_segment(rig, payload2, 6002)
+        check_segments(udp_frames_until_marker(rig), payload2, 6002)
+        # and back on
+        assert rig.ctrl(C.VIRTIO_NET_CTRL_GUEST_OFFLOADS, C.VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET,
+                        struct.pack("<Q", rig.features & ALL_GUEST_OFFLOADS)
+                        ) == C.VIRTIO_NET_OK
+        assert rig.tap.offloads & TUN_F_USO4
+        send_udp_segment(rig, payload, 6003)
+        check_one_gso_frame(udp_frames_until_marker(rig), payload, 6003)
 
 
 # ---------------------------------------------------------------------------------------
@@ -740,10 +752,10 @@ def test_ctrl_other_commands_and_malformed_ones():
 
 
 def test_ctrl_commands_need_their_features():
-    with open_rig(attach=False) as rig, nt.PacketSocket(rig.ns, TAP) as ps:
-        accept = rig.device.device_features & ~int(N.CTRL_RX_EXTRA | N.CTRL_VLAN
-                                                    | N.CTRL_MAC_ADDR | N.GUEST_ANNOUNCE)
-        rig.features = rig.driver.attach(rig.device, accept)
+    without = N.CTRL_RX_EXTRA | N.CTRL_VLAN | N.CTRL_MAC_ADDR | N.GUEST_ANNOUNCE
+    with open_rig(features=EVERYTHING & ~int(without)) as rig, \
+            nt.PacketSocket(rig.ns, TAP) as ps:
+        assert rig.features & N.CTRL_RX and not rig.features & without
         assert not rig.device.rx_filter.vlan_filtering
         err = C.VIRTIO_NET_ERR
         assert rx_mode(rig, C.VIRTIO_NET_CTRL_RX_PROMISC, False) == C.VIRTIO_NET_OK

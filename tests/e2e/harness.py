@@ -72,8 +72,9 @@ GUEST_MAC = "52:54:00:12:34:56"
 TAP_NAME = "vqtap0"
 #: how long a guest may take from QEMU's start to VQ-READY (TCG: 2-4 s; slack for CI)
 BOOT_TIMEOUT = 90.0
-#: how long the backend may take to listen on its socket (Python start + imports)
-BACKEND_START_TIMEOUT = 30.0
+#: how long the backend may take to listen on its socket (Python start + imports; an
+#: editable install may rebuild the Cython modules first)
+BACKEND_START_TIMEOUT = 120.0
 
 QEMU = "qemu-system-x86_64"
 _READY = re.compile(r"VQ-READY features=([01]*)")
@@ -332,7 +333,7 @@ class Backend:
         self.netns = netns
         self.socket_path = socket_path
         self.log_path = log_path
-        self.argv = [sys.executable, "-m", "pyvirtio", "-v", "net", "--socket-path",
+        self.argv = [sys.executable, "-m", "pyvirtio", "net", "--socket-path",
                      str(socket_path), "--tap", tap, "--queues", str(queues), *extra]
         self.proc: subprocess.Popen | None = None
 

@@ -231,3 +231,70 @@ def pingpong_python(impl: ModuleType, buffers: int, eventfd: bool, batch: int = 
     if errors:
         raise errors[0]
     return {"buffers": buffers, "seconds": secs, "ns_per_buffer": secs * 1e9 / buffers}
+
+
+def make_ring_layout(layout: str, chain_len: int, chains: int, *, indirect: bool = False,
+                     event_idx: bool = False, size: int | None = None,
+                     impl: ModuleType | None = None) -> Ring:
+    """Like :func:`make_ring` for either layout ("split" or "packed") of the engine, or
+    of a model module with the matching classes (``impl``)."""
+    features = (vqcore.VIRTIO_F_RING_PACKED if layout == "packed" else 0) | (
+        vqcore.VIRTIO_RING_F_EVENT_IDX if event_idx else 0)
+    if size is None:
+        size = chains if indirect else chains * chain_len
+    buf = np.zeros(DATA_BASE + chains * chain_len * BUF_SIZE + (1 << 16), np.uint8)
+    mem = vqcore.GuestMemory([(0, buf)])
+    addrs = vqcore.ring_addresses(RING_BASE, size, features)
+    ind_addr = (addrs.end + 15) // 16 * 16
+    ind_kw = {"indirect_addr": ind_addr, "indirect_max": chain_len} if indirect else {}
+    if impl is None:
+        driver = vqcore.driver_queue(mem, size, *addrs[:3], features=features, **ind_kw)
+        device = vqcore.device_queue(mem, size, *addrs[:3], features=features)
+        batch_cls = vqcore.ChainBatch
+    else:
+        prefix = "Packed" if layout == "packed" else "Split"
+        driver = getattr(impl, prefix + "DriverQueue")(mem, size, *addrs[:3], event_idx=event_idx,
+                                                        **ind_kw)
+        device = getattr(impl, prefix + "DeviceQueue")(mem, size, *addrs[:3], event_idx=event_idx)
+        batch_cls = impl.ChainBatch
+    nseg = chains * chain_len
+    template = batch_cls(chains, max(nseg, 1024))
+    template.load(DATA_BASE + np.arange(nseg, dtype=np.uint64) * BUF_SIZE,
+                  np.full(nseg, BUF_SIZE), np.full(chains, chain_len), np.full(chains, chain_len),
+                  np.arange(chains))
+    return Ring(impl or vqcore, mem, size, addrs, driver, device, template, chains)
+
+
+def roundtrip_rate(layout: str, batch: int, chain_len: int, indirect: bool,
+                   seconds: float = 0.2, impl: ModuleType | None = None) -> float:
+    """One thread doing both sides through the per-batch API — driver add, device pop,
+    device push, driver reclaim — chains per second."""
+    ring = make_ring_layout(layout, chain_len, batch, indirect=indirect,
+                            size=max(batch, chain_len) if indirect else batch * chain_len,
+                            impl=impl)
+    cls = (impl or vqcore).ChainBatch
+    b, out = cls(batch, max(batch * chain_len, 1024)), cls(batch)
+    drv, dev, tmpl = ring.driver, ring.device, ring.template
+    iters = max(1, (64 if impl is not None else 2048) // batch)
+    done = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        for _ in range(iters):
+            drv.add(tmpl, indirect=indirect)
+            dev.pop(b)
+            dev.push_used(b)
+            drv.reclaim(out)
+        done += iters * batch
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+    return done / (now - t0)
+
+
+def pingpong_layout(layout: str, buffers: int, eventfd: bool, batch: int = 64,
+                    size: int = 256) -> dict:
+    """The ringtest-shaped ping-pong in C threads, split or packed layout."""
+    ring = make_ring_layout(layout, 1, size, event_idx=eventfd)
+    return ringbench.pingpong(ring.driver, ring.device, ring.template, buffers,
+                              batch=batch, eventfd=eventfd)

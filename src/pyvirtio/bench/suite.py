@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pyvirtio.bench import engine
+from pyvirtio.bench.tap import level_tap
 from pyvirtio.bench.figures import Figure, measure, render
 
 log = logging.getLogger("pyvirtio.bench")
@@ -94,9 +95,13 @@ def level_pingpong(s: Settings, progress: Callable[[str], None]) -> list[Figure]
     return out
 
 
+from pyvirtio.bench.packed import level_packed  # noqa: E402
+
 LEVELS: dict[str, Callable[[Settings, Callable[[str], None]], list[Figure]]] = {
     "engine": level_engine,
     "pingpong": level_pingpong,
+    "tap": level_tap,
+    "packed": level_packed,
 }
 
 

@@ -23,9 +23,11 @@ reader of the queue fds).
   reader alone empties them: ours (the guest posts its buffers and kicks) against the
   ``readv`` loop. This is the reader's own ceiling on one core.
 
-Ours and the baseline alternate (A B A B ...). For one queue pair, a second "ours"
-figure uses busy-polling workers (``NetDevice(poll=True)``) against the same baseline
-samples.
+Ours and the baseline alternate (A B A B ...). For TX and the RX drain the CPU time
+per frame of the threads doing the work (the device's workers, the C loop's threads) is
+a figure too: unlike the rates it hardly moves when other work shares the machine.
+The functions take ``poll=True`` for busy-polling workers (``NetDevice(poll=True)``);
+the suite does not report them, as they gain nothing here (the workers never run dry).
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Self
 
 import numpy as np
 
 import vqcore
 from vqcore import netbench
+from vqcore.errors import VirtioError
 
 from pyvirtio.backends.tap import TUN_DEVICE, Tap
 from pyvirtio.bench.figures import Figure
@@ -53,10 +57,26 @@ from pyvirtio.net.device import GUEST_GSO, NetDevice
 from pyvirtio.net.driver import NetDriver
 from pyvirtio.netns import NetNamespace, entered
 
-__all__ = ["FRAME_SIZES", "PAIRS", "QUEUE_SIZE", "Sizes", "Sample", "TapBenchError",
-           "skip_reason", "tx_frame", "rx_frame", "TapBench", "Guest", "tx_ours",
-           "tx_baseline", "rx_live_ours", "rx_live_baseline", "rx_drain_ours",
-           "rx_drain_baseline", "level_tap"]
+__all__ = [
+    "FRAME_SIZES",
+    "PAIRS",
+    "QUEUE_SIZE",
+    "Guest",
+    "Sample",
+    "Sizes",
+    "TapBench",
+    "TapBenchError",
+    "level_tap",
+    "rx_drain_baseline",
+    "rx_drain_ours",
+    "rx_frame",
+    "rx_live_baseline",
+    "rx_live_ours",
+    "skip_reason",
+    "tx_baseline",
+    "tx_frame",
+    "tx_ours",
+]
 
 log = logging.getLogger("pyvirtio.bench")
 
@@ -99,10 +119,12 @@ NOTE_RX_DRAIN = ("the TAP queues are filled first, then drained by the reader al
                  "device worker readv()s into guest buffers (the guest re-posts them per "
                  "batch from the other vCPU), the baseline is a C readv loop; bound by the "
                  "kernel's per-frame tun_do_read + copy on one core")
-NOTE_POLL = "; busy-poll worker: it never sleeps in epoll, one vCPU spent"
+NOTE_CPU = ("CPU time (the threads' CPU clocks) of the device worker thread(s) per frame against the C "
+            "loop's thread(s): the one-core efficiency, unlike the rates hardly moved by "
+            "other load; the guest thread's time is not included")
 
 
-class TapBenchError(vqcore.VirtioError, RuntimeError):
+class TapBenchError(VirtioError, RuntimeError):
     """A benchmark run could not be set up or did not complete."""
 
 
@@ -123,7 +145,7 @@ class Sizes:
     drain: int
 
     @classmethod
-    def of(cls, tiny: bool, quick: bool) -> "Sizes":
+    def of(cls, tiny: bool, quick: bool) -> Sizes:
         if tiny:
             return cls(tx=4_000, rx_live=4_000, drain=1_000)
         if quick:
@@ -145,15 +167,24 @@ class Sample:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
-def thread_cpu_ns(tid: int) -> tuple[int, int]:
-    """(ns on a CPU, ns runnable but waiting for one) of thread ``tid`` of this process,
-    from ``/proc/self/task/<tid>/schedstat``; (0, 0) when the kernel does not say."""
-    try:
-        with open(f"/proc/self/task/{tid}/schedstat") as fh:
-            run, wait = fh.read().split()[:2]
-        return int(run), int(wait)
-    except (OSError, ValueError):
+def thread_cpu_ns(thread: threading.Thread | None = None) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of ``thread`` (default: the
+    calling one). The first is exact (the thread's CPU clock); the second comes from
+    ``/proc/self/task/<tid>/schedstat``, which the kernel updates at scheduling events
+    only (0 when it does not say)."""
+    thread = thread or threading.current_thread()
+    if thread.ident is None or thread.native_id is None:
         return 0, 0
+    try:
+        run = time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
+    except OSError:                 # the thread has ended
+        return 0, 0
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/schedstat") as fh:
+            wait = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        wait = 0
+    return run, wait
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,7 +252,7 @@ class TapBench:
         finally:
             self.ns.remove()
 
-    def __enter__(self) -> "TapBench":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -341,7 +372,7 @@ class Guest:
         """Stop the workers and close the device's eventfds (the TAP stays)."""
         self.device.close()
 
-    def __enter__(self) -> "Guest":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -365,9 +396,8 @@ class Guest:
         """(ns on a CPU, ns waiting for one) of the device's worker threads, summed."""
         run = wait = 0
         for w in self.device.workers.values():
-            if w.native_id is not None:
-                r, q = thread_cpu_ns(w.native_id)
-                run, wait = run + r, wait + q
+            r, q = thread_cpu_ns(w)
+            run, wait = run + r, wait + q
         return run, wait
 
     def stats(self, kind: str) -> dict[str, int]:
@@ -457,7 +487,8 @@ class Guest:
         return received, self._info("rx", mark)
 
 
-def tx_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> Sample:
+def tx_ours(bench: TapBench, size: int, pairs: int, frames: int, *,
+            poll: bool = False) -> Sample:
     """TX through a fresh device: :meth:`Guest.send`."""
     with Guest(bench, pairs, poll) as g:
         return g.send(tx_frame(size), frames)
@@ -498,7 +529,8 @@ class _Injectors:
         return sum(r[0] for r in done), max(r[1] for r in done)
 
 
-def rx_live_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int) -> Sample:
+def rx_live_ours(bench: TapBench, size: int, pairs: int, frames: int, *,
+                 poll: bool = False) -> Sample:
     """RX into a fresh device while injectors send ``frames`` frames; counted as the
     TAP's ``tx_packets`` over the injectors' time."""
     with Guest(bench, pairs, poll) as g:
@@ -514,7 +546,8 @@ def rx_live_ours(bench: TapBench, size: int, pairs: int, poll: bool, frames: int
     return Sample(c1["tx_packets"] - c0["tx_packets"], seconds, info)
 
 
-def rx_drain_ours(bench: TapBench, size: int, pairs: int, poll: bool, per_queue: int) -> Sample:
+def rx_drain_ours(bench: TapBench, size: int, pairs: int, per_queue: int, *,
+                  poll: bool = False) -> Sample:
     """RX into a fresh device from TAP queues filled beforehand (no injector runs
     meanwhile): from the guest's first post to the last frame; counted as the TAP's
     ``tx_packets``."""
@@ -522,7 +555,7 @@ def rx_drain_ours(bench: TapBench, size: int, pairs: int, poll: bool, per_queue:
         queued = bench.fill(size, pairs, per_queue)
         c0 = bench.counters()
         t0 = time.perf_counter()
-        received, info = g.receive(lambda n: n >= queued)
+        _, info = g.receive(lambda n: n >= queued)
         t1 = time.perf_counter()
         c1 = bench.counters()
     return Sample(c1["tx_packets"] - c0["tx_packets"], t1 - t0, info)
@@ -537,10 +570,9 @@ def _threads(fn: Callable[[int], object], n: int) -> list[object]:
     out: list[object] = [None] * n
 
     def run(k: int) -> None:
-        tid = threading.get_native_id()
-        r0, w0 = thread_cpu_ns(tid)
+        r0, w0 = thread_cpu_ns()
         result = fn(k)
-        r1, w1 = thread_cpu_ns(tid)
+        r1, w1 = thread_cpu_ns()
         out[k] = (result, (r1 - r0, w1 - w0))
 
     threads = [threading.Thread(target=run, args=(k,), name=f"bench-{k}") for k in range(n)]
@@ -616,39 +648,57 @@ def rx_drain_baseline(bench: TapBench, size: int, pairs: int, per_queue: int) ->
 # the level
 
 class _Row:
-    """The Mpps and Gbit/s figures of one measurement, filled sample by sample."""
+    """The Mpps, Gbit/s and (optionally) CPU-per-frame figures of one measurement,
+    filled sample by sample."""
 
-    def __init__(self, name: str, size: int, baseline: str, note: str) -> None:
+    def __init__(self, name: str, size: int, baseline: str, note: str,
+                 cpu: bool = False) -> None:
         self.size = size
         self.mpps = Figure("tap", name, "Mpps", True, baseline=baseline, note=note)
         self.gbps = Figure("tap", name, "Gbit/s", True, baseline=baseline)
+        self.cpu = Figure("tap", f"{name}, CPU per frame", "ns", False,
+                          baseline="the C loop's thread(s)", note=NOTE_CPU) if cpu else None
         self.info: dict[str, float] = {}
+        self.base_info: dict[str, float] = {}
 
     def ours(self, s: Sample) -> None:
         self.mpps.samples.append(s.pps / 1e6)
         self.gbps.samples.append(s.pps * self.size * 8 / 1e9)
+        if self.cpu is not None:
+            self.cpu.samples.append(s.info["cpu_ns_per_frame"])
         self.info = s.info
 
     def base(self, s: Sample) -> None:
         self.mpps.baseline_samples.append(s.pps / 1e6)
         self.gbps.baseline_samples.append(s.pps * self.size * 8 / 1e9)
+        if self.cpu is not None:
+            self.cpu.baseline_samples.append(s.info["cpu_ns_per_frame"])
+        self.base_info = s.info
 
     def figures(self) -> list[Figure]:
-        i = self.info
-        if "frames_per_burst" in i:
-            extra = (f" (last run: {i['frames_per_burst']:.0f} frames per burst, "
-                     f"{i['interrupts_per_kframe']:.1f} guest interrupts per 1000 frames")
-            if i.get("no_room"):
-                extra += f", {i['no_room']:.0f} bursts stopped for want of guest buffers"
-            if "injector_pps" in i:
-                extra += f", injector {i['injector_pps'] / 1e6:.2f} Mpps"
-            self.mpps.note += extra + ")"
-        return [self.mpps, self.gbps]
+        """The figures, the notes completed with what the last runs saw."""
+        i, b = self.info, self.base_info
+        seen = [f"{i['frames_per_burst']:.0f} frames per burst",
+                f"{i['interrupts_per_kframe']:.1f} guest interrupts per 1000 frames"]
+        if i.get("no_room"):
+            seen.append(f"{i['no_room']:.0f} bursts stopped for want of guest buffers")
+        if "injector_pps" in i:
+            seen.append(f"injector {i['injector_pps'] / 1e6:.2f} / {b['injector_pps'] / 1e6:.2f}"
+                        " Mpps (ours / baseline run)")
+        if "cpu_wait_ns_per_frame" in b:
+            seen.append(f"waiting for a CPU {i['cpu_wait_ns_per_frame']:.0f} / "
+                        f"{b['cpu_wait_ns_per_frame']:.0f} ns per frame (ours / baseline: "
+                        "other load)")
+        self.mpps.note += f" [last run: {', '.join(seen)}]"
+        if self.cpu is not None:
+            self.cpu.note += f" [last run: the guest thread {i['guest_cpu_ns_per_frame']:.0f} ns]"
+        return [f for f in (self.mpps, self.gbps, self.cpu) if f is not None]
 
 
 def level_tap(s, progress: Callable[[str], None]) -> list[Figure]:
     """TX and RX Mpps and Gbit/s through a TAP for 64 B and 1500 B frames and 1 and 2
-    queue pairs, each against the plain C syscall loop on the same TAP. ``s`` is the
+    queue pairs, each against the plain C syscall loop on the same TAP, measured
+    alternately; for TX and the RX drain also the CPU time per frame. ``s`` is the
     suite's :class:`~pyvirtio.bench.suite.Settings`. No figures (and a logged reason)
     without root or ``/dev/net/tun``."""
     reason = skip_reason()
@@ -661,33 +711,19 @@ def level_tap(s, progress: Callable[[str], None]) -> list[Figure]:
         for size in FRAME_SIZES:
             for pairs in PAIRS:
                 what = f"{size} B, {pairs} pair{'s' if pairs > 1 else ''}"
-                poll = pairs == 1
-                tx = _Row(f"TX {what}", size, "C writev loop, same TAP fd", NOTE_TX)
-                txp = _Row(f"TX {what}, busy-poll", size, "C writev loop (same samples)",
-                           NOTE_TX + NOTE_POLL)
+                tx = _Row(f"TX {what}", size, "C writev loop, same TAP fd", NOTE_TX, cpu=True)
                 live = _Row(f"RX {what}, live injector", size, "C readv loop, same injector",
                             NOTE_RX_LIVE)
                 drain = _Row(f"RX {what}, drain", size, "C readv loop, same TAP fd",
-                             NOTE_RX_DRAIN)
-                drainp = _Row(f"RX {what}, drain, busy-poll", size,
-                              "C readv loop (same samples)", NOTE_RX_DRAIN + NOTE_POLL)
+                             NOTE_RX_DRAIN, cpu=True)
                 for rep in range(s.repeats):
-                    tx.ours(tx_ours(bench, size, pairs, False, n.tx))
-                    b = tx_baseline(bench, size, pairs, n.tx)
-                    tx.base(b)
-                    if poll:
-                        txp.ours(tx_ours(bench, size, pairs, True, n.tx))
-                        txp.base(b)
-                    live.ours(rx_live_ours(bench, size, pairs, False, n.rx_live))
+                    tx.ours(tx_ours(bench, size, pairs, n.tx))
+                    tx.base(tx_baseline(bench, size, pairs, n.tx))
+                    live.ours(rx_live_ours(bench, size, pairs, n.rx_live))
                     live.base(rx_live_baseline(bench, size, pairs, n.rx_live))
-                    drain.ours(rx_drain_ours(bench, size, pairs, False, n.drain))
-                    b = rx_drain_baseline(bench, size, pairs, n.drain)
-                    drain.base(b)
-                    if poll:
-                        drainp.ours(rx_drain_ours(bench, size, pairs, True, n.drain))
-                        drainp.base(b)
+                    drain.ours(rx_drain_ours(bench, size, pairs, n.drain))
+                    drain.base(rx_drain_baseline(bench, size, pairs, n.drain))
                     progress(f"tap: {what} [{rep + 1}/{s.repeats}]")
-                rows = [tx, txp, live, drain, drainp] if poll else [tx, live, drain]
-                for row in rows:
+                for row in (tx, live, drain):
                     figures += row.figures()
     return figures

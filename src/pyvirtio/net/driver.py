@@ -51,7 +51,7 @@ class DriverQueue:
     call_fd: int = -1
     free: list[int] = field(default_factory=list)     # free slot tokens
     kicks: int = 0
-    replay: "Replay | None" = None                     # the load-generation fast path
+    replay: Replay | None = None                       # the load-generation fast path
 
     def slot(self, token: int) -> int:
         return self.buf_addr + token * self.slot_size
@@ -457,4 +457,4 @@ class NetDriver:
             dq.queue.disable_interrupts()
 
 
-__all__ = ["NetDriver", "NetDriverError", "DriverQueue", "Replay", "Allocator"]
+__all__ = ["Allocator", "DriverQueue", "NetDriver", "NetDriverError", "Replay"]
