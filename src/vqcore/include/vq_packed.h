@@ -112,9 +112,11 @@ struct vq_packed_dev {
     struct vq_err err;
 };
 
-/* Walk the chain starting at ring slot `pos` (whose flags were already loaded). */
+/* Walk the chain starting at ring slot `pos` (whose flags were already loaded; `wrap`
+ * is the avail wrap counter there). Every further descriptor must be available too,
+ * for the wrap counter of its own slot (section 2.8.6: flags are set in all of them). */
 static inline int vq_packed_walk(struct vq_packed_dev *q, struct vq_batch *b, struct vq_walk *w,
-                                 uint16_t pos, uint16_t flags0, uint16_t *id_out)
+                                 uint16_t pos, uint16_t flags0, int wrap, uint16_t *id_out)
 {
     uint32_t size = q->size, ttl = size;
     uint16_t k = pos, flags = flags0, id = 0;
@@ -143,9 +145,15 @@ static inline int vq_packed_walk(struct vq_packed_dev *q, struct vq_batch *b, st
             rc = vq_fail(&q->err, VQ_E_CHAIN_TOO_LONG, pos, 0, size);
             goto fail;
         }
-        if (++k == size)
+        if (++k == size) {
             k = 0;
+            wrap ^= 1;
+        }
         flags = vq_pdesc_flags_acquire(&q->desc[k]);
+        if (!vq_pdesc_is_avail(flags, wrap)) {
+            rc = vq_fail(&q->err, VQ_E_DESC_NOT_AVAIL, k, pos, flags);
+            goto fail;
+        }
     }
     if (w->rbytes > UINT32_MAX || w->wbytes > UINT32_MAX) {
         rc = vq_fail(&q->err, VQ_E_CHAIN_LEN_OVERFLOW, pos, 0,
@@ -165,7 +173,7 @@ static inline int vq_packed_pop(struct vq_packed_dev *q, struct vq_batch *b)
 {
     vq_batch_clear(b);
     if (q->broken)
-        return VQ_E_BROKEN;
+        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
     struct vq_walk w;
     int rc = 0;
     uint16_t pos = q->next_avail;
@@ -175,7 +183,7 @@ static inline int vq_packed_pop(struct vq_packed_dev *q, struct vq_batch *b)
         if (!vq_pdesc_is_avail(flags, wrap))
             break;
         uint16_t id;
-        rc = vq_packed_walk(q, b, &w, pos, flags, &id);
+        rc = vq_packed_walk(q, b, &w, pos, flags, wrap, &id);
         if (rc) {
             if (rc == VQ_E_BATCH_TOO_SMALL && b->count)
                 rc = 0;
@@ -365,7 +373,7 @@ static inline int vq_packed_drv_add(struct vq_packed_drv *q, const struct vq_bat
     (void)publish;              /* each chain becomes visible with its head's flags */
     uint32_t c;
     if (q->broken)
-        return VQ_E_BROKEN;
+        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
     if (indirect && q->ind_host == NULL)
         return vq_fail(&q->err, VQ_E_NO_INDIRECT, from, 0, 0);
     uint16_t head_pos = q->next_avail, head_flags = 0;
@@ -459,7 +467,7 @@ static inline int vq_packed_drv_reclaim(struct vq_packed_drv *q, struct vq_batch
 {
     vq_batch_clear(b);
     if (q->broken)
-        return VQ_E_BROKEN;
+        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
     uint32_t k = 0;
     uint32_t pos = q->next_used;
     int wrap = q->used_wrap;
@@ -521,51 +529,9 @@ static inline int vq_packed_drv_enable_interrupts(struct vq_packed_drv *q)
 
 /* ================================ handles ========================================= */
 
-static int vq_packed_pop_op(void *q, struct vq_batch *b) { return vq_packed_pop(q, b); }
-static void vq_packed_unpop_op(void *q, struct vq_batch *b, uint32_t k) { vq_packed_unpop(q, b, k); }
-static int vq_packed_push_op(void *q, const uint16_t *ids, const uint32_t *lens, uint32_t n)
-{ return vq_packed_push(q, ids, lens, n); }
-static int vq_packed_needs_op(void *q) { return vq_packed_needs_notification(q); }
-static int vq_packed_enable_op(void *q) { return vq_packed_enable_notification(q); }
-static void vq_packed_disable_op(void *q) { vq_packed_disable_notification(q); }
-static uint32_t vq_packed_pending_op(void *q) { return vq_packed_avail_pending(q); }
+/* Packed chains become visible as they are added: nothing to publish. */
+static inline void vq_packed_drv_publish(struct vq_packed_drv *q) { (void)q; }
 
-static const struct vq_dev_ops vq_packed_dev_ops = {
-    vq_packed_pop_op, vq_packed_unpop_op, vq_packed_push_op, vq_packed_needs_op,
-    vq_packed_enable_op, vq_packed_disable_op, vq_packed_pending_op,
-};
-
-static inline void vq_packed_dev_handle(struct vq_packed_dev *q, struct vq_dev *h)
-{
-    h->q = q;
-    h->ops = &vq_packed_dev_ops;
-    h->size = q->size;
-    h->num_inflight = &q->num_inflight;
-    h->broken = &q->broken;
-    h->err = &q->err;
-}
-
-static int vq_packed_add_op(void *q, const struct vq_batch *b, uint32_t from, int indirect,
-                            int publish) { return vq_packed_drv_add(q, b, from, indirect, publish); }
-static void vq_packed_publish_op(void *q) { (void)q; }
-static int vq_packed_kick_op(void *q) { return vq_packed_drv_kick_needed(q); }
-static int vq_packed_reclaim_op(void *q, struct vq_batch *b) { return vq_packed_drv_reclaim(q, b); }
-static int vq_packed_enable_int_op(void *q) { return vq_packed_drv_enable_interrupts(q); }
-static void vq_packed_disable_int_op(void *q) { vq_packed_drv_disable_interrupts(q); }
-
-static const struct vq_drv_ops vq_packed_drv_ops = {
-    vq_packed_add_op, vq_packed_publish_op, vq_packed_kick_op, vq_packed_reclaim_op,
-    vq_packed_enable_int_op, vq_packed_disable_int_op,
-};
-
-static inline void vq_packed_drv_handle(struct vq_packed_drv *q, struct vq_drv *h)
-{
-    h->q = q;
-    h->ops = &vq_packed_drv_ops;
-    h->size = q->size;
-    h->num_free = &q->num_free;
-    h->broken = &q->broken;
-    h->err = &q->err;
-}
+VQ_DEFINE_HANDLES(vq_packed)
 
 #endif /* VQ_PACKED_H */

@@ -57,4 +57,49 @@ static inline int vq_dev_fail(struct vq_dev *d, int code, uint32_t index, uint64
     return vq_fail(d->err, code, index, addr, len);
 }
 
+/* Define the handle functions of one ring layout P (vq_split, vq_packed): thin
+ * wrappers with void* queues, the ops tables, and P_dev_handle / P_drv_handle. */
+#define VQ_DEFINE_HANDLES(P)                                                              \
+static int P##_pop_op(void *q, struct vq_batch *b) { return P##_pop(q, b); }              \
+static void P##_unpop_op(void *q, struct vq_batch *b, uint32_t k) { P##_unpop(q, b, k); } \
+static int P##_push_op(void *q, const uint16_t *ids, const uint32_t *lens, uint32_t n)    \
+{ return P##_push(q, ids, lens, n); }                                                     \
+static int P##_needs_op(void *q) { return P##_needs_notification(q); }                    \
+static int P##_enable_op(void *q) { return P##_enable_notification(q); }                  \
+static void P##_disable_op(void *q) { P##_disable_notification(q); }                      \
+static uint32_t P##_pending_op(void *q) { return P##_avail_pending(q); }                  \
+static const struct vq_dev_ops P##_dev_ops = {                                            \
+    P##_pop_op, P##_unpop_op, P##_push_op, P##_needs_op,                                  \
+    P##_enable_op, P##_disable_op, P##_pending_op,                                        \
+};                                                                                        \
+static inline void P##_dev_handle(struct P##_dev *q, struct vq_dev *h)                    \
+{                                                                                         \
+    h->q = q;                                                                             \
+    h->ops = &P##_dev_ops;                                                                \
+    h->size = q->size;                                                                    \
+    h->num_inflight = &q->num_inflight;                                                   \
+    h->broken = &q->broken;                                                               \
+    h->err = &q->err;                                                                     \
+}                                                                                         \
+static int P##_add_op(void *q, const struct vq_batch *b, uint32_t from, int indirect,     \
+                      int publish) { return P##_drv_add(q, b, from, indirect, publish); } \
+static void P##_publish_op(void *q) { P##_drv_publish(q); }                               \
+static int P##_kick_op(void *q) { return P##_drv_kick_needed(q); }                        \
+static int P##_reclaim_op(void *q, struct vq_batch *b) { return P##_drv_reclaim(q, b); }  \
+static int P##_enable_int_op(void *q) { return P##_drv_enable_interrupts(q); }            \
+static void P##_disable_int_op(void *q) { P##_drv_disable_interrupts(q); }                \
+static const struct vq_drv_ops P##_drv_ops = {                                            \
+    P##_add_op, P##_publish_op, P##_kick_op, P##_reclaim_op,                              \
+    P##_enable_int_op, P##_disable_int_op,                                                \
+};                                                                                        \
+static inline void P##_drv_handle(struct P##_drv *q, struct vq_drv *h)                    \
+{                                                                                         \
+    h->q = q;                                                                             \
+    h->ops = &P##_drv_ops;                                                                \
+    h->size = q->size;                                                                    \
+    h->num_free = &q->num_free;                                                           \
+    h->broken = &q->broken;                                                               \
+    h->err = &q->err;                                                                     \
+}
+
 #endif /* VQ_QUEUE_H */

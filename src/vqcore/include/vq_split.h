@@ -377,51 +377,6 @@ static inline int vq_split_drv_enable_interrupts(struct vq_split_drv *q)
 
 /* ================================ handles ========================================= */
 
-static int vq_split_pop_op(void *q, struct vq_batch *b) { return vq_split_pop(q, b); }
-static void vq_split_unpop_op(void *q, struct vq_batch *b, uint32_t k) { vq_split_unpop(q, b, k); }
-static int vq_split_push_op(void *q, const uint16_t *ids, const uint32_t *lens, uint32_t n)
-{ return vq_split_push(q, ids, lens, n); }
-static int vq_split_needs_op(void *q) { return vq_split_needs_notification(q); }
-static int vq_split_enable_op(void *q) { return vq_split_enable_notification(q); }
-static void vq_split_disable_op(void *q) { vq_split_disable_notification(q); }
-static uint32_t vq_split_pending_op(void *q) { return vq_split_avail_pending(q); }
-
-static const struct vq_dev_ops vq_split_dev_ops = {
-    vq_split_pop_op, vq_split_unpop_op, vq_split_push_op, vq_split_needs_op,
-    vq_split_enable_op, vq_split_disable_op, vq_split_pending_op,
-};
-
-static inline void vq_split_dev_handle(struct vq_split_dev *q, struct vq_dev *h)
-{
-    h->q = q;
-    h->ops = &vq_split_dev_ops;
-    h->size = q->size;
-    h->num_inflight = &q->num_inflight;
-    h->broken = &q->broken;
-    h->err = &q->err;
-}
-
-static int vq_split_add_op(void *q, const struct vq_batch *b, uint32_t from, int indirect,
-                           int publish) { return vq_split_drv_add(q, b, from, indirect, publish); }
-static void vq_split_publish_op(void *q) { vq_split_drv_publish(q); }
-static int vq_split_kick_op(void *q) { return vq_split_drv_kick_needed(q); }
-static int vq_split_reclaim_op(void *q, struct vq_batch *b) { return vq_split_drv_reclaim(q, b); }
-static int vq_split_enable_int_op(void *q) { return vq_split_drv_enable_interrupts(q); }
-static void vq_split_disable_int_op(void *q) { vq_split_drv_disable_interrupts(q); }
-
-static const struct vq_drv_ops vq_split_drv_ops = {
-    vq_split_add_op, vq_split_publish_op, vq_split_kick_op, vq_split_reclaim_op,
-    vq_split_enable_int_op, vq_split_disable_int_op,
-};
-
-static inline void vq_split_drv_handle(struct vq_split_drv *q, struct vq_drv *h)
-{
-    h->q = q;
-    h->ops = &vq_split_drv_ops;
-    h->size = q->size;
-    h->num_free = &q->num_free;
-    h->broken = &q->broken;
-    h->err = &q->err;
-}
+VQ_DEFINE_HANDLES(vq_split)
 
 #endif /* VQ_SPLIT_H */
