@@ -52,6 +52,7 @@ MCAST_MAC = bytes.fromhex("01005e0000fb")
 #: UDP_SEGMENT (linux/udp.h); not in every Python's socket module
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 GSO_SIZE = 1400
 GUEST_USO = N.GUEST_USO4 | N.GUEST_USO6
 #: every feature bit: the guest accepts whatever the device offers
@@ -140,6 +141,14 @@ def open_rig(pairs: int = 1, *, mtu: int | None = None, features: int | None = N
                              queue_size=queue_size, rx_budget=rx_budget)
         negotiated = driver.attach(device, features) if attach else 0
         yield Rig(ns, tap, device, driver, negotiated)
+
+
+def packet_socket(ns: NetNamespace) -> nt.PacketSocket:
+    """An AF_PACKET socket on the TAP with a receive buffer that holds every frame a test
+    sends and receives (it also sees its own outgoing frames)."""
+    ps = nt.PacketSocket(ns, TAP)
+    ps.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+    return ps
 
 
 def pairs_set(rig: Rig, n: int) -> int:
@@ -258,7 +267,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condit
 @pytest.mark.parametrize("size", [60, 1514, 9000])
 def test_frames_byte_exact_both_directions(size):
     mtu = 9000 if size > 1514 else None
-    with open_rig(mtu=mtu) as rig, nt.PacketSocket(rig.ns, TAP) as ps:
+    with open_rig(mtu=mtu) as rig, packet_socket(rig.ns) as ps:
         assert rig.tap.link_info()["mtu"] == (mtu or 1500)
         assert rig.device.net_config.mtu == (mtu or 1500)
         assert rig.features & N.MRG_RXBUF
@@ -279,7 +288,7 @@ def test_frames_byte_exact_both_directions(size):
         received = collect(rig.driver, [0], len(into), lambda f: f[6:12] == nt.HOST_MAC)[0]
         assert [f for _, f in received] == into
         for hdr, _ in received:
-            flags, gso_type, *_, num_buffers = unpack_hdr(hdr)
+            _, gso_type, *_, num_buffers = unpack_hdr(hdr)
             assert gso_type == VIRTIO_NET_HDR_GSO_NONE
             # MRG_RXBUF: the frame spans as many 1536-byte buffers as it needs
             assert num_buffers == math.ceil((HDR_LEN + size) / RX_BUF)
@@ -371,7 +380,7 @@ def udp_frames_until_marker(rig: Rig, timeout: float = 5.0) -> list[tuple[bytes,
 def check_one_gso_frame(got: list[tuple[bytes, bytes]], payload: bytes, dport: int) -> None:
     assert len(got) == 1, f"{len(got)} frames instead of one GSO frame"
     hdr, frame = got[0]
-    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers = unpack_hdr(hdr)
+    flags, gso_type, _, gso_size, csum_start, csum_offset, num_buffers = unpack_hdr(hdr)
     assert gso_type == VIRTIO_NET_HDR_GSO_UDP_L4
     assert gso_size == GSO_SIZE
     assert flags & VIRTIO_NET_HDR_F_NEEDS_CSUM
@@ -461,7 +470,7 @@ def inject_and_collect(rig: Rig, ps: nt.PacketSocket, tag: bytes, n: int, base_p
 
 
 def test_four_queue_pairs_in_parallel():
-    with open_rig(4) as rig, nt.PacketSocket(rig.ns, TAP) as ps:
+    with open_rig(4) as rig, packet_socket(rig.ns) as ps:
         assert rig.features & N.MQ and rig.features & N.CTRL_VQ
         assert sorted(rig.device.workers) == [0]          # one pair until VQ_PAIRS_SET
         assert pairs_set(rig, 4) == C.VIRTIO_NET_OK
@@ -495,7 +504,7 @@ def test_four_queue_pairs_in_parallel():
 
 
 def test_vq_pairs_set_four_one_four():
-    with open_rig(4) as rig, nt.PacketSocket(rig.ns, TAP) as ps:
+    with open_rig(4) as rig, packet_socket(rig.ns) as ps:
         assert pairs_set(rig, 4) == C.VIRTIO_NET_OK
         old = dict(rig.device.workers)
         spread = inject_and_collect(rig, ps, b"four", 64, 20000)
@@ -555,7 +564,7 @@ def mac_table(unicast: Sequence[bytes], multicast: Sequence[bytes]) -> bytes:
 
 
 def test_ctrl_rx_modes_and_mac_filtering():
-    with open_rig() as rig, nt.PacketSocket(rig.ns, TAP) as ps:
+    with open_rig() as rig, packet_socket(rig.ns) as ps:
         f = rig.device.rx_filter
         ok = C.VIRTIO_NET_OK
         # promiscuous after reset: a frame to another MAC reaches the guest
@@ -616,7 +625,7 @@ def test_ctrl_rx_modes_and_mac_filtering():
 
 
 def test_ctrl_vlan_filter():
-    with open_rig() as rig, nt.PacketSocket(rig.ns, TAP) as ps:
+    with open_rig() as rig, packet_socket(rig.ns) as ps:
         ok = C.VIRTIO_NET_OK
         assert rig.features & N.CTRL_VLAN and rig.device.rx_filter.vlan_filtering
 
@@ -674,7 +683,7 @@ def raw_ctrl(driver: NetDriver, readable: Sequence[bytes], writable: int = 1,
 
 
 def test_ctrl_other_commands_and_malformed_ones():
-    with open_rig() as rig, nt.PacketSocket(rig.ns, TAP) as ps:
+    with open_rig() as rig, packet_socket(rig.ns) as ps:
         ok, err = C.VIRTIO_NET_OK, C.VIRTIO_NET_ERR
         dev = rig.device
         ctrl = dev.ctrl
@@ -732,8 +741,8 @@ def test_ctrl_other_commands_and_malformed_ones():
         assert raw_ctrl(rig.driver, [], writable=3)[0] == 1                    # header unreadable
         assert ctrl.last[3] is C.CtrlError.NO_HEADER
         # no ack byte: returned with length 0 and *not* applied
-        assert raw_ctrl(rig.driver, [bytes([C.VIRTIO_NET_CTRL_RX,
-                                            C.VIRTIO_NET_CTRL_RX_PROMISC, 1])], writable=0) == (0, b"")
+        promisc_on = bytes([C.VIRTIO_NET_CTRL_RX, C.VIRTIO_NET_CTRL_RX_PROMISC, 1])
+        assert raw_ctrl(rig.driver, [promisc_on], writable=0) == (0, b"")
         assert ctrl.last[3] is C.CtrlError.NO_ACK_BYTE
         # a well-formed command split over segments is fine
         assert raw_ctrl(rig.driver, [bytes([C.VIRTIO_NET_CTRL_RX]),
@@ -754,7 +763,7 @@ def test_ctrl_other_commands_and_malformed_ones():
 def test_ctrl_commands_need_their_features():
     without = N.CTRL_RX_EXTRA | N.CTRL_VLAN | N.CTRL_MAC_ADDR | N.GUEST_ANNOUNCE
     with open_rig(features=EVERYTHING & ~int(without)) as rig, \
-            nt.PacketSocket(rig.ns, TAP) as ps:
+            packet_socket(rig.ns) as ps:
         assert rig.features & N.CTRL_RX and not rig.features & without
         assert not rig.device.rx_filter.vlan_filtering
         err = C.VIRTIO_NET_ERR
@@ -778,7 +787,7 @@ def test_ctrl_commands_need_their_features():
 
 def test_guest_without_rx_buffers_loses_nothing_up_to_the_tap_queue():
     qlen = 32
-    with open_rig(rx_budget=0, txqueuelen=qlen) as rig, nt.PacketSocket(rig.ns, TAP) as ps:
+    with open_rig(rx_budget=0, txqueuelen=qlen) as rig, packet_socket(rig.ns) as ps:
         assert rig.driver.rx[0].queue.in_flight == 0           # the guest posted nothing
         base = link_stats(rig)
         frames = [to_guest(200, seed, sport=7000 + seed) for seed in range(qlen + 16)]
@@ -811,7 +820,7 @@ def test_guest_without_rx_buffers_loses_nothing_up_to_the_tap_queue():
 def test_guest_buffers_run_out_mid_stream():
     """The guest posts a few buffers only; the rest of the burst waits in the TAP."""
     with open_rig(rx_budget=0, queue_size=64, txqueuelen=256) as rig, \
-            nt.PacketSocket(rig.ns, TAP) as ps:
+            packet_socket(rig.ns) as ps:
         drv = rig.driver
         frames = [to_guest(1514, seed, sport=7100 + seed) for seed in range(100)]
         for frame in frames:
@@ -867,7 +876,7 @@ def test_features_ok_refused_for_missing_dependency(features, missing):
 
 
 def test_status_machine_errors():
-    with open_rig(attach=False) as rig, nt.PacketSocket(rig.ns, TAP) as ps:
+    with open_rig(attach=False) as rig, packet_socket(rig.ns) as ps:
         dev = rig.device
         with pytest.raises(StatusTransitionError):
             dev.write_status(S.DRIVER_OK)                          # from 0
@@ -911,7 +920,7 @@ def test_status_machine_errors():
 # a hostile guest
 
 def test_tx_chain_shorter_than_header_needs_reset_and_spares_other_pairs():
-    with open_rig(2) as rig, nt.PacketSocket(rig.ns, TAP) as ps:
+    with open_rig(2) as rig, packet_socket(rig.ns) as ps:
         dev, drv = rig.device, rig.driver
         resets: list[int] = []
         dev.config_change_callback = lambda: resets.append(1)
@@ -969,7 +978,7 @@ def test_close_leaves_no_threads_and_no_fds():
         assert pairs_set(rig, 4) == C.VIRTIO_NET_OK
         workers = list(dev.workers.values())
         assert len(set(vq_threads()) - vq_before) == 5      # 4 pairs + the control queue
-        with nt.PacketSocket(ns, TAP) as ps:
+        with packet_socket(ns) as ps:
             for p in range(4):
                 assert drv.send(p, [from_guest(100, p, sport=4000 + p)]) == 1
             assert len(ps.recv_many(4, 3.0, sent_by_guest)) == 4

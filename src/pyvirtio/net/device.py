@@ -209,10 +209,12 @@ class NetDevice(VirtioDevice):
 
     def stop(self) -> None:
         """Stop every worker (the device keeps its state)."""
+        # the control thread first, and outside the lock: a VQ_PAIRS_SET it is running
+        # takes the lock itself
+        self._stop_ctrl()
         with self._lock:
             for p in list(self.workers):
                 self._stop_worker(p)
-            self._stop_ctrl()
 
     def close(self) -> None:
         """Stop and close the eventfds the device owns (not the backend)."""
