@@ -222,3 +222,36 @@ def test_replay_detects_out_of_order_use(bench):
                 drv.replay(1, refill=False)
                 g._wait("tx", 0.05)
                 deadline -= 1
+
+
+# ---------------------------------------------------------------------------------------
+# the RX pop bound the benchmark led to (pyvirtio.runtime.RX_POP): a ring larger than
+# the bound is not walked whole every burst, yet a guest whose small buffers only the
+# whole ring can fill with a largest frame still gets its frames
+
+@nt.needs_tap
+@pytest.mark.parametrize("rx_buffer", [128, 1536])
+def test_rx_pop_bound_falls_back_to_the_whole_ring(rx_buffer):
+    import numpy as np
+
+    import vqcore
+    from pyvirtio import runtime
+    from pyvirtio.net.device import NetDevice
+    from pyvirtio.net.driver import NetDriver
+
+    size = 2 * runtime.RX_POP                # 512 buffers: more than one bounded pop
+    frame = nt.udp_frame_of_size(300, dst_mac=nt.GUEST_MAC, src_mac=nt.HOST_MAC)
+    with nt.tap_namespace(1) as (ns, tap), nt.PacketSocket(ns, tap.name) as sock:
+        memory = vqcore.GuestMemory([(0, np.zeros(size * (rx_buffer + 2048) + (8 << 20),
+                                                   np.uint8))])
+        with NetDevice(tap, mac=nt.GUEST_MAC, queue_size=size) as device:
+            driver = NetDriver(memory, queue_size=size, rx_buffer=rx_buffer, tx_buffer=2048)
+            features = driver.attach(device)      # guest GSO offloads: 64 KiB frames
+            assert features & bt.NetFeature.MRG_RXBUF and features & bt.NetFeature.GUEST_TSO4
+            # 256 buffers of 128 bytes cannot hold a 64 KiB frame, 512 (all) can
+            for _ in range(3):
+                sock.send(frame)
+            got = driver.recv(0, timeout=3.0, max_frames=3)
+            stats = device.pair_stats()[0]["rx"]
+    assert [f for _, f in got] == [frame] * 3
+    assert stats["packets"] == 3

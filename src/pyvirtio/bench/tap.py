@@ -39,9 +39,10 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
@@ -57,6 +58,9 @@ from pyvirtio.net.device import GUEST_GSO, NetDevice
 from pyvirtio.net.driver import NetDriver
 from pyvirtio.netns import NetNamespace, entered
 
+if TYPE_CHECKING:
+    from pyvirtio.bench.suite import Settings
+
 __all__ = [
     "FRAME_SIZES",
     "PAIRS",
@@ -67,12 +71,14 @@ __all__ = [
     "TapBench",
     "TapBenchError",
     "level_tap",
+    "readv_drain",
     "rx_drain_baseline",
     "rx_drain_ours",
     "rx_frame",
     "rx_live_baseline",
     "rx_live_ours",
     "skip_reason",
+    "thread_cpu_ns",
     "tx_baseline",
     "tx_frame",
     "tx_ours",
@@ -114,14 +120,15 @@ NOTE_TX = ("the device worker writev()s each frame straight from guest memory, t
            "core; the guest refills the ring from the other vCPU")
 NOTE_RX_LIVE = ("an AF_PACKET injector per queue in the namespace floods the TAP while the "
                 "reader (the device worker / a C readv loop) empties it; bound by the slower "
-                "of the two, and they share 2 vCPUs with the guest thread")
+                "of the two, mostly the injector, and all share the vCPUs: the C loop spins "
+                "on an empty TAP and so slows the injectors, the worker sleeps in epoll")
 NOTE_RX_DRAIN = ("the TAP queues are filled first, then drained by the reader alone: the "
                  "device worker readv()s into guest buffers (the guest re-posts them per "
                  "batch from the other vCPU), the baseline is a C readv loop; bound by the "
                  "kernel's per-frame tun_do_read + copy on one core")
-NOTE_CPU = ("CPU time (the threads' CPU clocks) of the device worker thread(s) per frame against the C "
-            "loop's thread(s): the one-core efficiency, unlike the rates hardly moved by "
-            "other load; the guest thread's time is not included")
+NOTE_CPU = ("CPU time (the threads' CPU clocks) of the device worker thread(s) per frame "
+            "against the C loop's thread(s): the one-core efficiency, unlike the rates "
+            "hardly moved by other load; the guest thread's time is not included")
 
 
 class TapBenchError(VirtioError, RuntimeError):
@@ -281,7 +288,7 @@ class TapBench:
     def flows(self, pairs: int) -> list[int]:
         """UDP source ports whose frames the TAP queues on queue 0, 1, ..., ``pairs - 1``
         while ``pairs`` queues are attached (the TAP picks a queue by flow hash: found by
-        probing, once per count)."""
+        probing, once per count, while nobody else reads the queues)."""
         if pairs in self._flows:
             return self._flows[pairs]
         self.tap.set_active_queues(pairs)
@@ -486,6 +493,32 @@ class Guest:
             self._wait("rx", 0.01)
         return received, self._info("rx", mark)
 
+    def receive_live(self, size: int, frames: int) -> Sample:
+        """Receive while one injector per pair sends ``frames`` frames of ``size`` bytes
+        in all; counted as the TAP's ``tx_packets`` over the injectors' time."""
+        bench = self.bench
+        injectors = _Injectors(bench, size, self.pairs, max(frames // self.pairs, 1))
+        c0 = bench.counters()
+        injectors.start()
+        try:
+            _, info = self.receive(lambda n: not injectors.running())
+        finally:
+            sent, seconds = injectors.join()
+        c1 = bench.counters()
+        info["injector_pps"] = sent / seconds if seconds else 0.0
+        return Sample(c1["tx_packets"] - c0["tx_packets"], seconds, info)
+
+    def drain(self, queued: int) -> Sample:
+        """Receive the ``queued`` frames waiting in the TAP queues (a guest made with
+        ``hold_rx``: its buffers go out now), from the first post to the last frame;
+        counted as the TAP's ``tx_packets``."""
+        c0 = self.bench.counters()
+        t0 = time.perf_counter()
+        _, info = self.receive(lambda n: n >= queued)
+        t1 = time.perf_counter()
+        c1 = self.bench.counters()
+        return Sample(c1["tx_packets"] - c0["tx_packets"], t1 - t0, info)
+
 
 def tx_ours(bench: TapBench, size: int, pairs: int, frames: int, *,
             poll: bool = False) -> Sample:
@@ -531,34 +564,19 @@ class _Injectors:
 
 def rx_live_ours(bench: TapBench, size: int, pairs: int, frames: int, *,
                  poll: bool = False) -> Sample:
-    """RX into a fresh device while injectors send ``frames`` frames; counted as the
-    TAP's ``tx_packets`` over the injectors' time."""
+    """RX through a fresh device: :meth:`Guest.receive_live`."""
+    bench.flows(pairs)                       # probe the queues while nobody reads them
     with Guest(bench, pairs, poll) as g:
-        injectors = _Injectors(bench, size, pairs, frames // pairs)
-        c0 = bench.counters()
-        injectors.start()
-        try:
-            _, info = g.receive(lambda n: not injectors.running())
-        finally:
-            sent, seconds = injectors.join()
-        c1 = bench.counters()
-    info["injector_pps"] = sent / seconds if seconds else 0.0
-    return Sample(c1["tx_packets"] - c0["tx_packets"], seconds, info)
+        return g.receive_live(size, frames)
 
 
 def rx_drain_ours(bench: TapBench, size: int, pairs: int, per_queue: int, *,
                   poll: bool = False) -> Sample:
-    """RX into a fresh device from TAP queues filled beforehand (no injector runs
-    meanwhile): from the guest's first post to the last frame; counted as the TAP's
-    ``tx_packets``."""
+    """RX through a fresh device holding its buffers back: :meth:`Guest.drain` after
+    :meth:`TapBench.fill`."""
+    bench.flows(pairs)                       # probe the queues while nobody reads them
     with Guest(bench, pairs, poll, hold_rx=True) as g:
-        queued = bench.fill(size, pairs, per_queue)
-        c0 = bench.counters()
-        t0 = time.perf_counter()
-        _, info = g.receive(lambda n: n >= queued)
-        t1 = time.perf_counter()
-        c1 = bench.counters()
-    return Sample(c1["tx_packets"] - c0["tx_packets"], t1 - t0, info)
+        return g.drain(bench.fill(size, pairs, per_queue))
 
 
 # ---------------------------------------------------------------------------------------
@@ -632,20 +650,46 @@ def rx_live_baseline(bench: TapBench, size: int, pairs: int, frames: int) -> Sam
 
 
 def rx_drain_baseline(bench: TapBench, size: int, pairs: int, per_queue: int) -> Sample:
-    """``readv`` loops draining the same pre-filled TAP queues; counted as the TAP's
-    ``tx_packets``, timed from the first frame read to the last."""
+    """``readv`` loops draining the same pre-filled TAP queues: :func:`readv_drain`
+    after :meth:`TapBench.fill`."""
     bench.tap.set_active_queues(pairs)
-    fds = bench.tap.fds[:pairs]
     queued = bench.fill(size, pairs, per_queue)
+    return readv_drain(bench, pairs, min(per_queue, queued))
+
+
+def readv_drain(bench: TapBench, pairs: int, per_queue: int) -> Sample:
+    """``readv`` loops, one thread per queue fd, each reading ``per_queue`` frames (or
+    until its queue stays empty); counted as the TAP's ``tx_packets``, timed from the
+    first frame read to the last."""
+    fds = bench.tap.fds[:pairs]
     c0 = bench.counters()
-    results = _threads(lambda k: netbench.readv_loop(fds[k], min(per_queue, queued),
-                                                     timeout=RUN_TIMEOUT, idle=0.02), pairs)
+    results = _threads(lambda k: netbench.readv_loop(fds[k], per_queue, timeout=RUN_TIMEOUT,
+                                                     idle=0.02), pairs)
     c1 = bench.counters()
     return _loop_sample(c1["tx_packets"] - c0["tx_packets"], results, 2)
 
 
 # ---------------------------------------------------------------------------------------
 # the level
+
+#: loggers that report every device and TAP bring-up (dozens per level): WARNING and up
+QUIET_LOGGERS = ("pyvirtio.net", "pyvirtio.backends", "pyvirtio.device")
+
+
+@contextmanager
+def _quiet(names: Sequence[str]) -> Iterator[None]:
+    """Raise ``names`` to WARNING for the ``with`` body (the benchmark's own progress
+    stays readable), then restore their levels."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
 
 class _Row:
     """The Mpps, Gbit/s and (optionally) CPU-per-frame figures of one measurement,
@@ -695,19 +739,18 @@ class _Row:
         return [f for f in (self.mpps, self.gbps, self.cpu) if f is not None]
 
 
-def level_tap(s, progress: Callable[[str], None]) -> list[Figure]:
+def level_tap(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
     """TX and RX Mpps and Gbit/s through a TAP for 64 B and 1500 B frames and 1 and 2
     queue pairs, each against the plain C syscall loop on the same TAP, measured
-    alternately; for TX and the RX drain also the CPU time per frame. ``s`` is the
-    suite's :class:`~pyvirtio.bench.suite.Settings`. No figures (and a logged reason)
-    without root or ``/dev/net/tun``."""
+    alternately; for TX and the RX drain also the CPU time per frame. No figures (and
+    a logged reason) without root or ``/dev/net/tun``."""
     reason = skip_reason()
     if reason is not None:
         log.warning("level tap skipped: %s", reason)
         return []
     n = Sizes.of(s.tiny, s.quick)
     figures: list[Figure] = []
-    with TapBench() as bench:
+    with _quiet(QUIET_LOGGERS), TapBench() as bench:
         for size in FRAME_SIZES:
             for pairs in PAIRS:
                 what = f"{size} B, {pairs} pair{'s' if pairs > 1 else ''}"
