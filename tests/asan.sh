@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# AddressSanitizer run of the hostile-guest, guest-memory and model-differential tests.
+# AddressSanitizer run of the hostile-guest, guest-memory and model-differential tests
+# (split and packed rings).
 #
-#   tests/asan.sh [pytest options]          # hostile, memory, model-differential tests
+#   tests/asan.sh [pytest options]          # hostile, memory, model-differential, packed
 #   ASAN_TESTS="tests/test_x.py tests/test_y.py" tests/asan.sh -k something
 #   ASAN_TESTS=tests tests/asan.sh          # the whole suite
 #
@@ -65,8 +66,8 @@ export ASAN_OPTIONS=detect_leaks=0:log_path=$logs/asan
 export PYTHONMALLOC=malloc
 "$venv/bin/python" - "$site" <<'EOF'
 import sys
-import vqcore, vqcore.batch, vqcore.memory, vqcore.split, vqcore.status
-for m in (vqcore.batch, vqcore.memory, vqcore.split, vqcore.status):
+import vqcore, vqcore.batch, vqcore.memory, vqcore.packed, vqcore.queue, vqcore.split, vqcore.status
+for m in (vqcore.batch, vqcore.memory, vqcore.packed, vqcore.queue, vqcore.split, vqcore.status):
     assert m.__file__.startswith(sys.argv[1]), f"{m.__name__} comes from {m.__file__}"
 print("   import vqcore ->", vqcore.__file__)
 EOF
@@ -87,6 +88,12 @@ if [[ -n ${ASAN_TESTS:-} ]]; then
 else
     tests=(tests/test_hostile.py tests/test_memory.py)
     [[ -f tests/test_model_differential.py ]] && tests+=(tests/test_model_differential.py)
+    # the packed ring: hostile guests, engine vs model, round trips, notifications, layout
+    for t in tests/test_packed_hostile.py tests/test_packed_differential.py \
+             tests/test_packed_roundtrip.py tests/test_packed_notifications.py \
+             tests/test_packed_layout.py; do
+        [[ -f $t ]] && tests+=("$t")
+    done
 fi
 echo "== pytest under AddressSanitizer: ${tests[*]} $*"
 set +e

@@ -6,8 +6,13 @@
   ``split_layout``, ``split_addresses``, ``need_event`` and the exception classes, so a
   test written against ``impl.X`` runs on both.
 * ``make_guest``: builds a :class:`Guest`: one numpy buffer as guest memory holding a
-  split ring laid out by ``split_addresses``, an optional indirect-table area and a
-  data area filled with a known pattern.
+  split ring laid out by ``split_addresses`` (or, with ``layout="packed"``, a packed
+  ring laid out by ``packed_addresses``), an optional indirect-table area and a data
+  area filled with a known pattern.
+* ``implementations(layout)``: the engine and the model of a ring layout (the packed
+  ring's model is ``vqcore.model_packed``); ``ring_index`` / ``used_waiting``: the
+  layout-specific index arithmetic and "a used chain waits" test shared by the suites
+  that run for both layouts.
 """
 
 from __future__ import annotations
@@ -19,9 +24,46 @@ import pytest
 
 import vqcore
 import vqcore.model
+import vqcore.model_packed
 
 #: name -> module exposing the queue API
 IMPLEMENTATIONS = {"engine": vqcore, "model": vqcore.model}
+#: the same for packed rings (PackedDeviceQueue, PackedDriverQueue, ...)
+PACKED_IMPLEMENTATIONS = {"engine": vqcore, "model": vqcore.model_packed}
+
+LAYOUTS = ("split", "packed")
+
+
+def implementations(layout: str) -> dict:
+    """name -> module with the queue classes of ``layout`` ("split" or "packed")."""
+    return PACKED_IMPLEMENTATIONS if layout == "packed" else IMPLEMENTATIONS
+
+
+def ring_features(layout: str, event_idx: bool = False) -> int:
+    """The feature bits that make vqcore.device_queue/driver_queue build ``layout``."""
+    return ((vqcore.VIRTIO_F_RING_PACKED if layout == "packed" else 0)
+            | (vqcore.VIRTIO_RING_F_EVENT_IDX if event_idx else 0))
+
+
+def ring_index(layout: str, size: int, chains: int, slots: int) -> int:
+    """What next_avail / next_used / last_used read after ``chains`` chains taking
+    ``slots`` ring descriptors went by: split, the 16-bit chain count; packed, the slot
+    with the wrap counter (1 at the start, flipped at each lap) in bit 15."""
+    if layout == "split":
+        return chains % 65536
+    laps, pos = divmod(slots, size)
+    return pos | (1 ^ (laps & 1)) << 15
+
+
+def used_waiting(memory, drv) -> bool:
+    """Does a used chain wait for driver queue ``drv`` (read from ring memory, as a
+    watchdog does)? Split: used->idx differs from last_used; packed: the descriptor at
+    last_used is used for its wrap counter."""
+    if isinstance(drv, (vqcore.PackedDriverQueue, vqcore.model_packed.PackedDriverQueue)):
+        pos, wrap = drv.last_used & 0x7FFF, drv.last_used >> 15
+        flags = int(memory.array(drv.desc_addr + 16 * pos + 14, 1, "<u2")[0])
+        return vqcore.model_packed.is_used(flags, wrap)
+    return int(memory.array(drv.used_addr + 2, 1, "<u2")[0]) != drv.last_used
 
 #: guest-physical address where make_guest puts the ring
 RING_BASE = 0x10000
@@ -35,17 +77,20 @@ def impl(request):
 
 @dataclass
 class Guest:
-    """Guest memory with a split ring, an indirect area and a data area, in one region."""
+    """Guest memory with a ring (split or packed), an indirect area and a data area, in
+    one region."""
 
     memory: vqcore.GuestMemory
     buffer: np.ndarray            # the region's backing (uint8), buffer[0] is at `base`
     base: int
     size: int                     # queue size
-    ring: vqcore.SplitAddresses   # desc, avail, used, end
+    ring: tuple                   # SplitAddresses (desc, avail, used, end) or
+                                  # PackedAddresses (desc, driver, device, end)
     indirect_addr: int | None
     indirect_max: int
     data_addr: int
     data_size: int
+    layout: str = "split"
 
     def at(self, gpa: int, length: int) -> np.ndarray:
         """numpy view of guest bytes ``[gpa, gpa+length)``."""
@@ -61,19 +106,22 @@ class Guest:
         return image
 
     def queue_args(self) -> tuple:
-        """``(memory, size, desc, avail, used)``: the positional arguments of a queue."""
-        return (self.memory, self.size, self.ring.desc, self.ring.avail, self.ring.used)
+        """``(memory, size, desc, avail, used)`` (packed: ``desc, driver, device``): the
+        positional arguments of a queue."""
+        return (self.memory, self.size, *self.ring[:3])
 
     def device(self, impl, **kwargs):
         """A device queue of ``impl`` on this ring."""
-        return impl.SplitDeviceQueue(*self.queue_args(), **kwargs)
+        cls = impl.PackedDeviceQueue if self.layout == "packed" else impl.SplitDeviceQueue
+        return cls(*self.queue_args(), **kwargs)
 
     def driver(self, impl, **kwargs):
         """A driver queue of ``impl`` on this ring (with the indirect area, if any)."""
         if self.indirect_addr is not None:
             kwargs.setdefault("indirect_addr", self.indirect_addr)
             kwargs.setdefault("indirect_max", self.indirect_max)
-        return impl.SplitDriverQueue(*self.queue_args(), **kwargs)
+        cls = impl.PackedDriverQueue if self.layout == "packed" else impl.SplitDriverQueue
+        return cls(*self.queue_args(), **kwargs)
 
 
 def data_pattern(n: int, seed: int = 0) -> np.ndarray:
@@ -83,10 +131,10 @@ def data_pattern(n: int, seed: int = 0) -> np.ndarray:
 
 
 def build_guest(size: int, *, data_size: int = 1 << 16, indirect_max: int = 0,
-                base: int = RING_BASE, seed: int = 0) -> Guest:
+                base: int = RING_BASE, seed: int = 0, layout: str = "split") -> Guest:
     """A :class:`Guest` for a queue of ``size``; ``indirect_max > 0`` adds an indirect
     area of ``size * indirect_max`` descriptors; the data area is 4 KiB aligned."""
-    ring = vqcore.split_addresses(base, size)
+    ring = vqcore.ring_addresses(base, size, ring_features(layout))
     indirect_addr = None
     end = ring.end
     if indirect_max:
@@ -97,7 +145,7 @@ def build_guest(size: int, *, data_size: int = 1 << 16, indirect_max: int = 0,
     buffer[data_addr - base:] = data_pattern(data_size, seed)
     memory = vqcore.GuestMemory([(base, buffer)])
     return Guest(memory, buffer, base, size, ring, indirect_addr, indirect_max, data_addr,
-                 data_size)
+                 data_size, layout)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import IMPLEMENTATIONS, build_guest
+from conftest import IMPLEMENTATIONS, build_guest, implementations
 from vqcore.errors import (AddressOutOfBounds, AddressOverflow, BatchTooSmall, ChainTooLong,
                            ChainLengthOverflow, HeadInUse, IndirectLengthError,
                            IndirectTableNotContiguous, IndirectTableTooLong, IndirectWithNext,
@@ -75,12 +75,15 @@ def reclaimed_snapshot(batch):
 
 
 class World:
-    """One guest memory with a driver queue and a device queue on it."""
+    """One guest memory with a driver queue and a device queue on it (a split ring, or a
+    packed one with ``layout="packed"``)."""
 
-    def __init__(self, drv, dev, size, event_idx, indirect_max):
+    def __init__(self, drv, dev, size, event_idx, indirect_max, layout="split"):
         self.name = f"{drv}-driver/{dev}-device"
-        self.drv_impl, self.dev_impl = IMPLEMENTATIONS[drv], IMPLEMENTATIONS[dev]
-        self.guest = build_guest(size, data_size=DATA_SIZE, indirect_max=indirect_max)
+        impls = implementations(layout)
+        self.drv_impl, self.dev_impl = impls[drv], impls[dev]
+        self.guest = build_guest(size, data_size=DATA_SIZE, indirect_max=indirect_max,
+                                 layout=layout)
         self.drv = self.guest.driver(self.drv_impl, event_idx=event_idx)
         self.dev = self.guest.device(self.dev_impl, event_idx=event_idx)
         self.pop_batches = {}
@@ -106,9 +109,9 @@ class World:
 class Harness:
     """Runs each operation in every world, compares, and keeps its own account."""
 
-    def __init__(self, size, event_idx, indirect_max, worlds=WORLDS):
+    def __init__(self, size, event_idx, indirect_max, worlds=WORLDS, layout="split"):
         self.size, self.indirect_max = size, indirect_max
-        self.worlds = [World(a, b, size, event_idx, indirect_max) for a, b in worlds]
+        self.worlds = [World(a, b, size, event_idx, indirect_max, layout) for a, b in worlds]
         self.ref = self.worlds[0]
         self.next_token = 1
         self.offered = deque()      # (token, [(gpa, len, writable)], indirect), in add order

@@ -5,7 +5,9 @@ The test process is the driver: it creates the guest memory on a memfd
 two eventfds (kick: driver -> device, call: device -> driver). The device is a child
 process forked with multiprocessing's "fork" context (so it starts without importing
 and possibly rebuilding vqcore again); it inherits the three fds, maps the memfd itself
-and runs :func:`device_main`. Every chain carries a 64-bit sequence
+and runs :func:`device_main`. The test runs for both ring layouts, split and packed
+(VIRTIO_F_RING_PACKED: both sides build their queue from the feature bits with
+``vqcore.driver_queue`` / ``device_queue``). Every chain carries a 64-bit sequence
 number (readable) and an 8-byte reply slot (writable): the device checks that each
 popped batch continues the sequence and writes back ``seq * K + 1``; the driver checks
 tokens, used lengths and replies. Each side sleeps on its eventfd only after the
@@ -23,8 +25,11 @@ import tempfile
 import time
 
 import numpy as np
+import pytest
 
-from vqcore import ChainBatch, GuestMemory, SplitDeviceQueue, SplitDriverQueue, split_addresses
+from conftest import LAYOUTS, ring_features, ring_index, used_waiting
+from vqcore import (ChainBatch, GuestMemory, device_queue, driver_queue, ring_addresses,
+                    split_addresses)
 
 N_BUFFERS = 1_000_000
 SIZE = 1024                  # ring size; chains of 2 descriptors -> up to 512 in flight
@@ -38,7 +43,7 @@ DEADLINE = 120.0             # seconds for the whole exchange
 WAIT = 5.0                   # one eventfd sleep; sleeping through it with work waiting
                              # is a lost wakeup
 
-ADDRS = split_addresses(GPA_BASE, SIZE)
+ADDRS = split_addresses(GPA_BASE, SIZE)       # the larger layout: a packed ring fits too
 DATA_GPA = (ADDRS.end + 4095) // 4096 * 4096
 MEM_SIZE = DATA_GPA - GPA_BASE + 16 * NSLOTS
 
@@ -78,14 +83,16 @@ def sleep_on(fd, deadline, who, work_waiting, alive=lambda: True):
 
 # ---- the device (child process) ---------------------------------------------------------
 
-def device_main(memfd, kick_fd, call_fd, n_buffers, parent_pid, report):
+def device_main(memfd, kick_fd, call_fd, n_buffers, parent_pid, report, layout="split"):
     """Run in the child: serve ``n_buffers`` chains; return the exit status. One line
     of report (or the error) goes to the file ``report``."""
     deadline = time.monotonic() + DEADLINE
     try:
         mm, mem, slots, _ = map_guest(memfd)   # our own mapping of the shared memfd
         os.close(memfd)                        # the mapping keeps the memory
-        dev = SplitDeviceQueue(mem, SIZE, *ADDRS[:3], event_idx=True, name="child-device")
+        features = ring_features(layout, event_idx=True)
+        dev = device_queue(mem, SIZE, *ring_addresses(GPA_BASE, SIZE, features)[:3],
+                           features=features, name="child-device")
         pb = ChainBatch(POP_BATCH)
         base = np.uint64(DATA_GPA)
         expected = 0
@@ -116,7 +123,8 @@ def device_main(memfd, kick_fd, call_fd, n_buffers, parent_pid, report):
             dev.disable_notification()
         if dev.in_flight or dev.pending():
             raise Failure(EXIT_CHECK, "device: chains left over at the end")
-        if dev.next_avail != n_buffers % 65536 or dev.next_used != n_buffers % 65536:
+        end = ring_index(layout, SIZE, n_buffers, 2 * n_buffers)    # 2 descriptors a chain
+        if dev.next_avail != end or dev.next_used != end:
             raise Failure(EXIT_CHECK, f"device: indices {dev.next_avail}/{dev.next_used}")
         print(f"device: served {expected}, slept {sleeps}, calls {calls}", file=report)
         return EXIT_OK
@@ -128,16 +136,16 @@ def device_main(memfd, kick_fd, call_fd, n_buffers, parent_pid, report):
         return EXIT_ERROR
 
 
-def _child(memfd, kick_fd, call_fd, n_buffers, parent_pid, report_fd):
+def _child(memfd, kick_fd, call_fd, n_buffers, parent_pid, report_fd, layout):
     """The forked child's entry: its exit status is device_main's result."""
     with open(report_fd, "w", closefd=False) as report:
-        status = device_main(memfd, kick_fd, call_fd, n_buffers, parent_pid, report)
+        status = device_main(memfd, kick_fd, call_fd, n_buffers, parent_pid, report, layout)
     raise SystemExit(status)
 
 
 # ---- the driver (this process) ----------------------------------------------------------
 
-def run_driver(drv, slots, used_idx, kick_fd, call_fd, child, deadline):
+def run_driver(drv, slots, mem, kick_fd, call_fd, child, deadline):
     most = max(ADD_BATCHES)
     db, rb = ChainBatch(most), ChainBatch(RECLAIM_BATCH)
     seg_len = np.full(2 * most, 8, np.uint64)
@@ -186,32 +194,35 @@ def run_driver(drv, slots, used_idx, kick_fd, call_fd, child, deadline):
             drv.disable_interrupts()
             continue
         stats["sleeps"] += 1
-        sleep_on(call_fd, deadline, "driver", lambda: int(used_idx[0]) != drv.last_used,
+        sleep_on(call_fd, deadline, "driver", lambda: used_waiting(mem, drv),
                  alive=child.is_alive)
         drv.disable_interrupts()
     return sent, got, stats
 
 
-def test_two_processes_memfd_eventfd_million_buffers():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_processes_memfd_eventfd_million_buffers(layout):
     memfd = os.memfd_create("vqcore-test-guest", os.MFD_CLOEXEC)
     os.ftruncate(memfd, MEM_SIZE)
     kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    mm, mem, slots, used_idx = map_guest(memfd)
+    mm, mem, slots, _ = map_guest(memfd)
     # the driver sets the ring up (zeroes its headers) before the device starts
-    drv = SplitDriverQueue(mem, SIZE, *ADDRS[:3], event_idx=True, name="parent-driver")
+    features = ring_features(layout, event_idx=True)
+    drv = driver_queue(mem, SIZE, *ring_addresses(GPA_BASE, SIZE, features)[:3],
+                       features=features, name="parent-driver")
     deadline = time.monotonic() + DEADLINE
     report = tempfile.TemporaryFile()
     child = multiprocessing.get_context("fork").Process(
         target=_child, name="vq-device", daemon=True,
-        args=(memfd, kick_fd, call_fd, N_BUFFERS, os.getpid(), report.fileno()))
+        args=(memfd, kick_fd, call_fd, N_BUFFERS, os.getpid(), report.fileno(), layout))
     t0 = time.monotonic()
     child.start()
     os.close(memfd)                            # both mappings stay; the fd is not needed
     pid = child.pid
     try:
         try:
-            sent, got, stats = run_driver(drv, slots, used_idx, kick_fd, call_fd, child, deadline)
+            sent, got, stats = run_driver(drv, slots, mem, kick_fd, call_fd, child, deadline)
         except BaseException:
             child.kill()
             raise
@@ -224,9 +235,10 @@ def test_two_processes_memfd_eventfd_million_buffers():
         assert child_report.startswith(f"device: served {N_BUFFERS},"), child_report
         assert sent == got == N_BUFFERS
         assert drv.num_free == SIZE and drv.in_flight == 0
-        assert drv.next_avail == drv.last_used == N_BUFFERS % 65536
+        assert drv.next_avail == drv.last_used == ring_index(layout, SIZE, N_BUFFERS,
+                                                             2 * N_BUFFERS)
         assert stats["kicks"] > 0
-        print(f"\nprocesses: {N_BUFFERS} buffers in {elapsed:.2f} s "
+        print(f"\n{layout} processes: {N_BUFFERS} buffers in {elapsed:.2f} s "
               f"({elapsed / N_BUFFERS * 1e9:.0f} ns/buffer) driver {stats}; {child_report}")
     finally:
         if child.is_alive():

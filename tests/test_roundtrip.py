@@ -1,7 +1,9 @@
 """Driver <-> device round trips of the split ring engine.
 
 Both sides of one ring run in this process over one numpy-backed :class:`GuestMemory`:
-a :class:`SplitDriverQueue` plays the guest, a :class:`SplitDeviceQueue` the device. The
+a :class:`SplitDriverQueue` plays the guest, a :class:`SplitDeviceQueue` the device
+(``run_roundtrip(..., layout="packed")`` runs the same on a packed ring, see
+test_packed_roundtrip.py). The
 driver writes a unique byte pattern into every readable segment; the device checks the
 popped segments (guest address, host address, length, readable/writable split) and the
 bytes, writes a response into the first ``used_len`` bytes of the writable segments and
@@ -19,8 +21,9 @@ from itertools import cycle
 import numpy as np
 import pytest
 
-from vqcore import (ChainBatch, GuestMemory, SplitDeviceQueue, SplitDriverQueue,
-                    split_addresses)
+from conftest import ring_features, ring_index, used_waiting
+from vqcore import (ChainBatch, GuestMemory, SplitDeviceQueue, device_queue, driver_queue,
+                    ring_addresses)
 from vqcore.errors import NotInFlight
 
 GPA_BASE = 0x4000_0000            # guest memory starts at 1 GiB (gpa != buffer offset)
@@ -76,9 +79,11 @@ def excl_cumsum(a):
 class Rig:
     """One ring, both sides, on one numpy buffer: ring, indirect tables, data arena."""
 
-    def __init__(self, size, *, event_idx, indirect_max=0, arena=1 << 20):
+    def __init__(self, size, *, event_idx, indirect_max=0, arena=1 << 20, layout="split"):
         self.size = size
-        self.addrs = split_addresses(GPA_BASE, size)
+        self.layout = layout
+        features = ring_features(layout, event_idx)
+        self.addrs = ring_addresses(GPA_BASE, size, features)
         self.ind_gpa = _align(self.addrs.end)
         self.arena_gpa = _align(self.ind_gpa + size * indirect_max * 16)
         self.arena_off = self.arena_gpa - GPA_BASE
@@ -86,14 +91,22 @@ class Rig:
         self.buf = np.zeros(self.arena_off + arena, np.uint8)
         self.base = self.buf.ctypes.data
         self.mem = GuestMemory([(GPA_BASE, self.buf)])
-        self.drv = SplitDriverQueue(self.mem, size, *self.addrs[:3], event_idx=event_idx,
-                                    indirect_addr=self.ind_gpa if indirect_max else None,
-                                    indirect_max=indirect_max)
-        self.dev = SplitDeviceQueue(self.mem, size, *self.addrs[:3], event_idx=event_idx)
+        self.drv = driver_queue(self.mem, size, *self.addrs[:3], features=features,
+                                indirect_addr=self.ind_gpa if indirect_max else None,
+                                indirect_max=indirect_max)
+        self.dev = device_queue(self.mem, size, *self.addrs[:3], features=features)
 
     def used_idx(self):
-        """used->idx as it is in memory."""
+        """used->idx as it is in memory (split rings)."""
         return int(self.mem.array(self.addrs.used + 2, 1, "<u2")[0])
+
+    def index(self, chains, slots):
+        """next_avail / next_used after ``chains`` chains of ``slots`` descriptors."""
+        return ring_index(self.layout, self.size, chains, slots)
+
+    def pending(self, chains):
+        """What dev.pending() says with ``chains`` chains available (packed: 0 or 1)."""
+        return min(chains, 1) if self.layout == "packed" else chains
 
 
 @dataclass
@@ -168,11 +181,12 @@ class Workload:
 
 
 def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, permute=False,
-                  unpublished_every=0, seed=7):
+                  unpublished_every=0, seed=7, layout="split"):
     """Move all chains of ``wl`` through one ring; return the rig for final checks."""
     size = wl.size
     rng = np.random.default_rng(seed)
-    rig = Rig(size, event_idx=event_idx, indirect_max=wl.indirect_max, arena=arena)
+    rig = Rig(size, event_idx=event_idx, indirect_max=wl.indirect_max, arena=arena,
+              layout=layout)
     drv, dev, buf = rig.drv, rig.dev, rig.buf
     n_total = wl.total
     max_chains = int(wl.batch_sizes.max())
@@ -185,6 +199,7 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
     built = 0            # chains written into memory and loaded into dbatch
     added = 0            # chains made available
     popped = 0           # chains the device popped (in avail order)
+    added_slots = popped_slots = 0     # ring descriptors they took
     reclaimed = 0
     low = 0              # oldest chain not yet reclaimed (for the arena allocator)
     arena_pos = 0
@@ -254,12 +269,13 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
         return segs[nz], per_chain
 
     def device_turn():
-        nonlocal popped, irq
+        nonlocal popped, popped_slots, irq
         pb = next(pop_cycle)
         pending = dev.pending()
-        assert pending == added - popped
+        waiting = added - popped
+        assert pending == rig.pending(waiting)
         n = dev.pop(pb)
-        assert n == min(pending, pb.max_chains) or (0 < n < pending), (n, pending)
+        assert n == min(waiting, pb.max_chains) or (0 < n < waiting), (n, waiting)
         if n == 0:
             return 0
         seqs = np.arange(popped, popped + n)
@@ -305,9 +321,10 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
             dev.push_used(pb)
             expect_used.append(seqs)
         popped += n
+        popped_slots += int(pb.descriptors_used.sum())
         assert dev.in_flight == 0
-        assert dev.next_used == popped % 65536
-        assert dev.next_avail == popped % 65536
+        assert dev.next_used == rig.index(popped, popped_slots)
+        assert dev.next_avail == rig.index(popped, popped_slots)
         notify = dev.needs_notification()
         if drv_asleep:
             assert notify, "driver sleeps with interrupts enabled but no interrupt is due"
@@ -350,7 +367,7 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
                 num_free += int(np.where(wl.ind[seqs], 1, wl.length[seqs]).sum())
                 reclaimed += n
                 total += n
-            waiting = rig.used_idx() != drv.last_used
+            waiting = used_waiting(rig.mem, drv)
             assert waiting == (reclaimed < popped)
             if n == rbatch.max_chains and waiting and rng.random() < 0.7:
                 continue
@@ -388,13 +405,15 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
             if not publish:
                 drv.publish()
             wl.ind[c0 + done:c0 + done + n] = ind
-            num_free -= int(np.where(ind, 1, wl.length[c0 + done:c0 + done + n]).sum()) if n else 0
+            slots = int(np.where(ind, 1, wl.length[c0 + done:c0 + done + n]).sum()) if n else 0
+            num_free -= slots
             assert drv.num_free == num_free
             added += n
+            added_slots += slots
             cur[2] += n
             if cur[2] == dbatch.count:
                 cur = None
-            assert drv.next_avail == added % 65536
+            assert drv.next_avail == rig.index(added, added_slots)
             kick = drv.kick_needed()
             if n == 0:
                 assert not kick, "kick without anything new published"
@@ -436,8 +455,9 @@ def run_roundtrip(wl, *, event_idx, pop_batches, reclaim_max, arena=1 << 20, per
     assert drv.in_flight == 0
     assert dev.in_flight == 0
     assert dev.pending() == 0
-    assert dev.next_avail == dev.next_used == n_total % 65536
-    assert drv.next_avail == drv.last_used == n_total % 65536
+    assert added_slots == popped_slots
+    assert dev.next_avail == dev.next_used == rig.index(n_total, added_slots)
+    assert drv.next_avail == drv.last_used == rig.index(n_total, added_slots)
     assert not dev.broken and not drv.broken
     return rig, iters
 
@@ -575,10 +595,10 @@ def test_roundtrip_tiny_ring_index_wrap(size, event_idx, indirect):
 class SeqRing:
     """A ring whose chains are (8 readable bytes: seq, 8 writable bytes: reply)."""
 
-    def __init__(self, size, event_idx):
+    def __init__(self, size, event_idx, layout="split"):
         self.size = size
         self.nslots = 4 * size          # 16-byte slots: seq (readable), reply (writable)
-        self.rig = Rig(size, event_idx=event_idx, arena=16 * self.nslots)
+        self.rig = Rig(size, event_idx=event_idx, arena=16 * self.nslots, layout=layout)
         self.slots = self.rig.mem.array(self.rig.arena_gpa, 2 * self.nslots, "<u8")
         self.sent = 0       # chains added
         self.popped = 0     # sequence number the next pop must start with

@@ -7,6 +7,9 @@ device checks that the sequence numbers of each popped batch continue the previo
 (nothing lost, duplicated or reordered) and writes back ``seq * K + 1``; the driver
 checks the tokens, the used lengths and the replies of every reclaimed batch.
 
+Both ring layouts: split, and packed (VIRTIO_F_RING_PACKED; the queues come from
+``vqcore.driver_queue`` / ``device_queue`` and the feature bits, nothing else changes).
+
 Two modes: busy-poll (no notifications at all), and eventfd (``os.eventfd`` for kick and
 call, VIRTIO_F_EVENT_IDX on) where a side sleeps in ``select`` on its eventfd only after
 the race-free re-check (``enable_notification`` / ``enable_interrupts``) found nothing.
@@ -25,7 +28,8 @@ import time
 import numpy as np
 import pytest
 
-from vqcore import ChainBatch, GuestMemory, SplitDeviceQueue, SplitDriverQueue, split_addresses
+from conftest import LAYOUTS, ring_features, ring_index, used_waiting
+from vqcore import ChainBatch, GuestMemory, device_queue, driver_queue, ring_addresses
 
 N_BUFFERS = 1_000_000
 SIZE = 1024                  # ring size; chains of 2 descriptors -> up to 512 in flight
@@ -45,15 +49,15 @@ WAIT = 5.0                   # one sleep on an eventfd; sleeping through it with
 class Shared:
     """Guest memory holding the ring and the data slots, plus the stop flag."""
 
-    def __init__(self, event_idx):
-        self.addrs = split_addresses(GPA_BASE, SIZE)
+    def __init__(self, event_idx, layout="split"):
+        features = ring_features(layout, event_idx)
+        self.addrs = ring_addresses(GPA_BASE, SIZE, features)
         self.data_gpa = (self.addrs.end + 4095) // 4096 * 4096
         self.buf = np.zeros(self.data_gpa - GPA_BASE + 16 * NSLOTS, np.uint8)
         self.mem = GuestMemory([(GPA_BASE, self.buf)])
         self.slots = self.mem.array(self.data_gpa, 2 * NSLOTS, "<u8")   # [seq, reply] * NSLOTS
-        self.used_idx = self.mem.array(self.addrs.used + 2, 1, "<u2")
-        self.drv = SplitDriverQueue(self.mem, SIZE, *self.addrs[:3], event_idx=event_idx)
-        self.dev = SplitDeviceQueue(self.mem, SIZE, *self.addrs[:3], event_idx=event_idx)
+        self.drv = driver_queue(self.mem, SIZE, *self.addrs[:3], features=features)
+        self.dev = device_queue(self.mem, SIZE, *self.addrs[:3], features=features)
         self.stop = threading.Event()
         self.errors = []
         self.deadline = time.monotonic() + DEADLINE
@@ -158,8 +162,7 @@ def driver(sh, notify):
                 drv.disable_interrupts()
                 continue
             sh.stats["drv_sleeps"] += 1
-            if not _wait(sh, sh.call_fd, "driver",
-                         lambda: int(sh.used_idx[0]) != drv.last_used):
+            if not _wait(sh, sh.call_fd, "driver", lambda: used_waiting(sh.mem, drv)):
                 return
             drv.disable_interrupts()
         if got == N_BUFFERS and (drv.num_free != SIZE or drv.in_flight):
@@ -226,9 +229,10 @@ def fast_gil_switch():
 
 
 @pytest.mark.parametrize("mode", ["busy-poll", "eventfd"])
-def test_two_threads_million_buffers(mode, fast_gil_switch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_threads_million_buffers(layout, mode, fast_gil_switch):
     notify = mode == "eventfd"
-    sh = Shared(event_idx=notify)
+    sh = Shared(event_idx=notify, layout=layout)
     if notify:
         sh.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         sh.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -251,13 +255,14 @@ def test_two_threads_million_buffers(mode, fast_gil_switch):
         assert sh.got == sh.sent == sh.served == N_BUFFERS
         assert sh.drv.num_free == SIZE and sh.drv.in_flight == 0
         assert sh.dev.in_flight == 0 and sh.dev.pending() == 0
-        assert sh.dev.next_avail == sh.dev.next_used == N_BUFFERS % 65536
-        assert sh.drv.next_avail == sh.drv.last_used == N_BUFFERS % 65536
+        end = ring_index(layout, SIZE, N_BUFFERS, 2 * N_BUFFERS)     # 2 descriptors a chain
+        assert sh.dev.next_avail == sh.dev.next_used == end
+        assert sh.drv.next_avail == sh.drv.last_used == end
         if notify:
             # the run really slept and woke up through the eventfds (both directions)
             assert sh.stats["kicks"] > 0 and sh.stats["calls"] > 0
             assert sh.stats["dev_sleeps"] > 0 and sh.stats["drv_sleeps"] > 0
-        print(f"\n{mode}: {N_BUFFERS} buffers in {elapsed:.2f} s "
+        print(f"\n{layout} {mode}: {N_BUFFERS} buffers in {elapsed:.2f} s "
               f"({elapsed / N_BUFFERS * 1e9:.0f} ns/buffer) {sh.stats}")
     finally:
         for fd in (sh.kick_fd, sh.call_fd):

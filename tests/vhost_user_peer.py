@@ -37,13 +37,16 @@ from pyvirtio.backends.sink import Sink
 from pyvirtio.net.driver import NetDriver
 from pyvirtio.status import DeviceStatus
 from pyvirtio.vhost_user.backend import VhostUserNetBackend
-from pyvirtio.vhost_user.connection import Connection, PeerClosed
+from pyvirtio.vhost_user.connection import Connection
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, HEADER,
                                           VERSION, VRING_NOFD_MASK, ConfigSpace, MemRegion,
                                           MemTable, Message, ProtocolFeature, Request,
                                           SingleMemRegion, U64, VringAddr, VringState)
 from pyvirtio.vhost_user.server import VhostUserServer
 
+#: seconds a new ``pyvirtio net`` process may take to start: importing vqcore from an
+#: editable install rebuilds it first, which takes minutes on a busy 2-core machine
+STARTUP = 300
 #: guest-physical base of test memory: neither 0 nor the mapping's own address
 GPA_BASE = 1 << 32
 #: the protocol features the tests' front-end asks for
@@ -68,6 +71,7 @@ class GuestRam:
                  ) -> None:
         self.size = size
         self.gpa = gpa
+        self.name = name
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -106,10 +110,23 @@ class GuestRam:
 class Peer:
     """A raw front-end connection to a back-end socket."""
 
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
+    def __init__(self, path: str | socket.socket, timeout: float = 5.0) -> None:
+        if isinstance(path, socket.socket):
+            self.sock = path                  # an already connected socket
+            self.sock.settimeout(timeout)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    self.sock.connect(path)
+                    break
+                except BlockingIOError:       # the listen backlog is full: wait a bit
+                    if time.monotonic() > deadline:
+                        self.sock.close()
+                        raise
+                    time.sleep(0.001)
         self.timeout = timeout
         self.conn = Connection(self.sock, message_timeout=timeout)
         self.reply_ack = False

@@ -121,6 +121,11 @@ class NetHeaderError(RingViolation, ValueError):
     room for it."""
 
 
+class DescriptorNotAvailable(RingViolation, ValueError):
+    """Packed ring: a chain continues (NEXT) into a descriptor whose AVAIL/USED flags do
+    not mark it available for its slot's wrap counter."""
+
+
 class NotInFlight(QueueError, ValueError):
     """``push_used`` was given a head that was never popped (or already pushed)."""
 
@@ -157,6 +162,7 @@ CODE_TO_EXCEPTION: dict[int, type[QueueError]] = {
     -16: InvalidUsedId,
     -17: InvalidUsedLength,
     -18: NetHeaderError,
+    -19: DescriptorNotAvailable,
     -20: NotInFlight,
     -21: BatchTooSmall,
     -22: QueueBroken,

@@ -22,6 +22,7 @@ cdef extern from "vq_status.h" nogil:
         VQ_E_USED_ID
         VQ_E_USED_LEN
         VQ_E_NET_HDR
+        VQ_E_DESC_NOT_AVAIL
         VQ_E_NOT_IN_FLIGHT
         VQ_E_BATCH_TOO_SMALL
         VQ_E_BROKEN

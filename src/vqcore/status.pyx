@@ -21,6 +21,7 @@ _MESSAGES = {
     VQ_E_USED_ID: "used element names id {addr}, which is not in flight (queue size {len})",
     VQ_E_USED_LEN: "used element for head {index} reports {addr} bytes, more than its {len} writable bytes",
     VQ_E_NET_HDR: "chain at head {index} has {addr} bytes, fewer than the {len}-byte virtio-net header",
+    VQ_E_DESC_NOT_AVAIL: "chain at slot {addr} runs into slot {index}, whose flags {len:#x} do not mark it available",
     VQ_E_NOT_IN_FLIGHT: "head {index} is not in flight (never popped, or already pushed)",
     VQ_E_BATCH_TOO_SMALL: "chain at head {index} needs more than the batch's {len} segments",
     VQ_E_BROKEN: "queue is broken by an earlier violation; reset it",

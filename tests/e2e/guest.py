@@ -60,6 +60,7 @@ __all__ = [
     "AGENT_SCRIPT", "AGENT_PORT", "AGENT_COMMAND", "KERNEL_META_PACKAGE",
     "BUSYBOX_PACKAGE", "HOST_BINARIES", "default_cache_root", "build_image",
     "module_load_order", "module_depends", "encode_command", "kernel_cmdline",
+    "newest_cached",
 ]
 
 log = logging.getLogger("e2e.guest")
@@ -407,16 +408,32 @@ def _load_manifest(folder: Path) -> GuestImage | None:
     return GuestImage(kernel, initrd, data["key"], data["versions"], data["modules"])
 
 
+def newest_cached(root: Path) -> GuestImage | None:
+    """The most recently built image under ``root``, if any."""
+    images = [img for img in (_load_manifest(d) for d in root.glob("*") if d.is_dir())
+              if img is not None]
+    return max(images, key=lambda img: img.initrd.stat().st_mtime, default=None)
+
+
 def build_image(cache_root: Path | None = None, *, force: bool = False) -> GuestImage:
     """The guest image, from the cache when its key matches, else built now.
 
-    Raises :class:`GuestImageUnavailable` when apt, the packages or the host binaries
-    cannot be had (a reason to skip), :class:`GuestImageError` when the build fails.
+    When apt cannot name the package versions (no ``apt-get update`` yet) the newest
+    cached image is used, if there is one. Raises :class:`GuestImageUnavailable` when
+    apt, the packages or the host binaries cannot be had (a reason to skip),
+    :class:`GuestImageError` when the build fails.
     """
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    kernel_pkg = resolve_kernel_package()
-    versions = {kernel_pkg: candidate_version(kernel_pkg),
-                BUSYBOX_PACKAGE: candidate_version(BUSYBOX_PACKAGE)}
+    try:
+        kernel_pkg = resolve_kernel_package()
+        versions = {kernel_pkg: candidate_version(kernel_pkg),
+                    BUSYBOX_PACKAGE: candidate_version(BUSYBOX_PACKAGE)}
+    except GuestImageUnavailable as exc:
+        cached = newest_cached(root)
+        if cached is None or force:
+            raise
+        log.warning("%s; using the cached guest image %s", exc, cached.key)
+        return cached
     files = host_files()
     key = _key(versions, files)
     folder = root / key

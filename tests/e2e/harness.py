@@ -45,20 +45,21 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from pyvirtio import netns as _netns
-from pyvirtio.netns import NetNamespace
 
-from guest import AGENT_PORT, GuestImage, kernel_cmdline
+from .guest import AGENT_PORT, GuestImage, kernel_cmdline
 
 __all__ = [
     "BACKENDS", "GUEST_IP", "HOST_IP", "PREFIXLEN", "GUEST_MAC", "TAP_NAME",
     "HarnessError", "GuestTimeout", "GuestFailed", "BackendFailed", "AgentError",
-    "qemu_binary", "accelerator", "VmConfig", "Qemu", "Backend", "Agent", "AgentResult",
-    "Testbed", "parse_features", "guest_feature_bits",
+    "qemu_binary", "qemu_version", "accelerator", "backend_python", "VmConfig", "Qemu",
+    "Backend", "Agent", "AgentResult", "HostResult", "Testbed", "testbed",
+    "parse_features", "guest_feature_bits", "parse_snmp", "ring_stop_indices",
+    "negotiated_features", "ethtool_stats",
 ]
 
 log = logging.getLogger("e2e.harness")
@@ -207,6 +208,22 @@ def _end_process(proc: subprocess.Popen, what: str, *, term_timeout: float = 10.
         pass
 
 
+def _tcp_listening(pid: int, port: int) -> bool:
+    """Whether a TCP socket listens on ``port`` in the namespace of process ``pid``."""
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 3 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1],
+                                                            16) == port:
+                return True
+    return False
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -325,6 +342,12 @@ class Qemu:
                 f"--- qemu log ({self.log_path}) ---\n{_tail(self.log_path, 10)}")
 
 
+def backend_python() -> str:
+    """The Python that runs ``-m pyvirtio net``: this one, or ``$VQ_E2E_PYTHON`` (e.g.
+    a virtualenv with a non-editable install, to avoid rebuilds on import)."""
+    return os.environ.get("VQ_E2E_PYTHON") or sys.executable
+
+
 class Backend:
     """``pyvirtio net`` started inside the namespace, serving ``socket_path``."""
 
@@ -333,7 +356,7 @@ class Backend:
         self.netns = netns
         self.socket_path = socket_path
         self.log_path = log_path
-        self.argv = [sys.executable, "-m", "pyvirtio", "net", "--socket-path",
+        self.argv = [backend_python(), "-m", "pyvirtio", "net", "--socket-path",
                      str(socket_path), "--tap", tap, "--queues", str(queues), *extra]
         self.proc: subprocess.Popen | None = None
 
@@ -534,6 +557,40 @@ def parse_features(names: str) -> int:
     return value
 
 
+def parse_snmp(text: str) -> dict[str, int]:
+    """The ``Ip:`` counters of a /proc/net/snmp text."""
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("Ip:")]
+    if len(rows) < 2:
+        raise ValueError("no Ip: rows in /proc/net/snmp")
+    return {k: int(v) for k, v in zip(rows[0], rows[1])}
+
+
+def ring_stop_indices(backend_log: str) -> dict[int, int]:
+    """ring -> the index of its last ``ring N stopped at index M`` line in a ``pyvirtio
+    net`` log (GET_VRING_BASE: the next available index, i.e. the chains consumed, mod
+    2**16)."""
+    out: dict[int, int] = {}
+    for m in re.finditer(r"ring (\d+) stopped at index (\d+)", backend_log):
+        out[int(m.group(1))] = int(m.group(2))
+    return out
+
+
+def negotiated_features(backend_log: str) -> int | None:
+    """The features of the last SET_FEATURES a ``pyvirtio net`` log shows."""
+    found = re.findall(r": features ((?:VIRTIO|VHOST)[^\n]*|none)$", backend_log, re.M)
+    return parse_features(found[-1]) if found else None
+
+
+def ethtool_stats(text: str) -> dict[str, int]:
+    """``ethtool -S`` output as a dict."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if sep and value.strip().lstrip("-").isdigit():
+            out[key.strip()] = int(value)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # the testbed
 
@@ -554,13 +611,14 @@ class Testbed:
         self.image = image
         self.workdir = Path(workdir)
         self.name = name
-        self.ns: NetNamespace | None = None
+        self.ns: str | None = None           # the namespace's name, once created
         self.backends: list[Backend] = []
         self.qemus: list[Qemu] = []
         self.multiqueue_tap = False
         self._sockdir = Path(tempfile.mkdtemp(prefix="vqe2e-"))   # short: sun_path limit
         self.socket_path = self._sockdir / "vhost-user.sock"
         self._log_files: list[Path] = []
+        self._host_procs: list[subprocess.Popen] = []
         self.timings: dict[str, float] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -573,36 +631,51 @@ class Testbed:
     def open_namespace(self, *, multiqueue_tap: bool) -> None:
         """Create the namespace and the TAP ``vqtap0`` (``multi_queue`` when asked: a
         vhost-user backend's queues and QEMU's ``queues=N`` need it) with the host
-        address, up."""
+        address, up. All through iproute2 (``ip netns add``, ``ip -n``): its ioctls and
+        netlink requests run in the namespace directly, where pyroute2 forks a helper
+        with a 2-4 s deadline that a loaded machine can miss."""
         if self.ns is not None:
             return
-        self.ns = NetNamespace(prefix="vqe2e")
-        self.ns.open()
+        name = _netns.unique_name("vqe2e")
+        self._ip(["netns", "add", name])
+        self.ns = name
         self.multiqueue_tap = multiqueue_tap
         for key in ("net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"):
-            with _netns.entered(self.ns.name), open(f"/proc/sys/{key}", "w") as f:
+            with _netns.entered(name), open(f"/proc/sys/{key}", "w") as f:
                 f.write("1")
-        ifr = {"no_pi": 1, "vnet_hdr": 1}
+        tuntap = ["tuntap", "add", "dev", TAP_NAME, "mode", "tap", "vnet_hdr"]
         if multiqueue_tap:
-            ifr["multi_queue"] = 1
-        with self.ns.iproute() as ipr:
-            ipr.link("set", index=1, state="up")
-            ipr.link("add", ifname=TAP_NAME, kind="tuntap", mode="tap", ifr=ifr)
-            index = ipr.link_lookup(ifname=TAP_NAME)[0]
-            ipr.addr("add", index=index, address=HOST_IP, prefixlen=PREFIXLEN)
-            ipr.link("set", index=index, state="up")
-        log.info("namespace %s: %s %s/%d%s", self.ns.name, TAP_NAME, HOST_IP, PREFIXLEN,
+            tuntap.append("multi_queue")
+        for argv in (["link", "set", "lo", "up"], tuntap,
+                     ["addr", "add", f"{HOST_IP}/{PREFIXLEN}", "dev", TAP_NAME],
+                     ["link", "set", TAP_NAME, "up"]):
+            self._ip(["-n", name, *argv])
+        log.info("namespace %s: %s %s/%d%s", name, TAP_NAME, HOST_IP, PREFIXLEN,
                  " multi_queue" if multiqueue_tap else "")
+
+    @staticmethod
+    def _ip(argv: Sequence[str], *, check: bool = True) -> str:
+        """``ip ARGV``; its stdout. :class:`HarnessError` when it fails (``check``)."""
+        proc = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=60)
+        if check and proc.returncode != 0:
+            raise HarnessError(f"ip {shlex.join(argv)} failed: {proc.stderr.strip()}")
+        return proc.stdout
 
     @property
     def netns(self) -> str:
+        """The namespace's name."""
         if self.ns is None:
             raise HarnessError("the testbed has no namespace yet")
-        return self.ns.name
+        return self.ns
 
     def close(self) -> None:
         """End every QEMU and backend started here (by pid), remove the namespace and
         the socket folder. Safe to call twice; never raises for a cleanup step."""
+        for proc in self._host_procs:
+            try:
+                _end_process(proc, "host command", term_timeout=5)
+            except Exception as exc:  # noqa: BLE001 - cleanup goes on
+                log.warning("stopping host command %d: %s", proc.pid, exc)
         for qemu in self.qemus:
             try:
                 qemu.stop()
@@ -614,10 +687,12 @@ class Testbed:
             except Exception as exc:  # noqa: BLE001
                 log.warning("stopping the backend: %s", exc)
         if self.ns is not None:
-            try:
-                self.ns.remove()
+            name, self.ns = self.ns, None
+            try:     # the persistent TAP first, then the namespace
+                self._ip(["-n", name, "link", "del", TAP_NAME], check=False)
+                self._ip(["netns", "del", name])
             except Exception as exc:  # noqa: BLE001
-                log.warning("removing namespace %s: %s", self.ns.name, exc)
+                log.warning("removing namespace %s: %s", name, exc)
         shutil.rmtree(self._sockdir, ignore_errors=True)
 
     def keep_logs(self, dest: Path) -> list[Path]:
@@ -739,9 +814,27 @@ class Testbed:
         """Start ``argv`` inside the namespace in the background, output to a log."""
         path = self._new_log(log_name)
         with open(path, "ab") as out:
-            return subprocess.Popen(["ip", "netns", "exec", self.netns, *argv],
+            proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv],
                                     stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT)
+        self._host_procs.append(proc)
+        return proc
+
+    def host_iperf3_server(self, port: int, *, timeout: float = 30.0) -> subprocess.Popen:
+        """``iperf3 -s -1 -p port`` in the namespace (one test, then it exits), returned
+        once it listens."""
+        proc = self.host_popen(["iperf3", "-s", "-1", "-p", str(port)], f"iperf3-{port}")
+        deadline = time.monotonic() + timeout
+        while not _tcp_listening(proc.pid, port):
+            if proc.poll() is not None:
+                raise HarnessError(f"iperf3 server on port {port} exited "
+                                   f"(rc={proc.returncode})")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise HarnessError(f"iperf3 server not listening on {port} after "
+                                   f"{timeout:.0f} s")
+            time.sleep(0.05)
+        return proc
 
     def host_ping(self, address: str = GUEST_IP, *, count: int = 3, size: int = 56,
                   wait: int = 10) -> HostResult:
@@ -779,18 +872,26 @@ class Testbed:
             raise HarnessError(f"iperf3: {data['error']}")
         return data
 
+    def _tap_link(self) -> dict:
+        """``ip -j -s link show vqtap0`` in the namespace."""
+        data = json.loads(self._ip(["-n", self.netns, "-j", "-s", "link", "show", "dev",
+                                    TAP_NAME]))
+        return data[0]
+
     def tap_mtu(self) -> int:
         """The TAP's MTU (host side)."""
-        with self.ns.iproute() as ipr:   # type: ignore[union-attr]
-            return int(ipr.get_links(ifname=TAP_NAME)[0].get("mtu"))
+        return int(self._tap_link()["mtu"])
 
     def tap_counters(self) -> dict[str, int]:
         """The TAP's ``rx_bytes``/``tx_bytes``/``rx_packets``/``tx_packets`` (host side:
         rx = frames from the guest, tx = frames to the guest)."""
-        with self.ns.iproute() as ipr:   # type: ignore[union-attr]
-            stats = ipr.get_links(ifname=TAP_NAME)[0].get("IFLA_STATS64")
-        return {k: int(stats[k]) for k in ("rx_bytes", "tx_bytes", "rx_packets",
-                                            "tx_packets", "rx_dropped", "tx_dropped")}
+        stats = self._tap_link()["stats64"]
+        return {f"{d}_{k}": int(stats[d][k]) for d in ("rx", "tx")
+                for k in ("bytes", "packets", "dropped")}
+
+    def host_snmp(self) -> dict[str, int]:
+        """The namespace's ``Ip:`` counters of /proc/net/snmp (ReasmReqds, FragCreates...)."""
+        return parse_snmp(self.host(["cat", "/proc/net/snmp"], check=True).stdout)
 
     def timed(self, name: str) -> "_Timer":
         """``with testbed.timed("x"):`` records the block's seconds in :attr:`timings`."""

@@ -13,9 +13,14 @@ Ring life cycle, as the protocol defines it:
   queue pair; GET_VRING_BASE stops it again and answers the next available index;
 * with VHOST_USER_F_PROTOCOL_FEATURES (bit 30) negotiated a started ring is disabled
   (TX processed and discarded, no RX) until SET_VRING_ENABLE(1); the enable state may
-  arrive before the ring starts (QEMU sends it first) and is applied when it does; a
-  worker woken by SET_VRING_ENABLE looks at its rings again, so a kick that arrived while
-  the ring was disabled is not lost;
+  arrive before the ring starts (QEMU sends it first) and is applied when it does. The
+  change takes effect before the reply (the pair's worker is restarted around it, and a
+  new worker looks at its rings once before it sleeps), so a kick or a buffer that
+  arrived while the ring was disabled is not lost, and no burst that read the old state
+  can discard a frame added after the reply;
+* SET_VRING_KICK with the no-fd flag (bit 8) starts the ring without a kick fd: the
+  pair's worker busy-polls its rings; SET_VRING_CALL with it gives the worker an eventfd
+  nobody reads (the front-end polls the used ring);
 * a started ring resumes from SET_VRING_BASE's index when the used ring's index in
   memory agrees; otherwise (chains were in flight when the previous owner stopped) it
   resumes from the used index, as libvhost-user and DPDK do: frames are processed in
@@ -292,13 +297,17 @@ class VhostUserNetBackend:
         if self._closed:
             return
         self._teardown()
+        self._restore_mtu()
+        self._init_state()
+
+    def _restore_mtu(self) -> None:
+        """Give the packet backend its MTU back if NET_SET_MTU changed it."""
         if self._tap_mtu_changed:
             self._tap_mtu_changed = False
             try:
                 self._set_packet_mtu(self.mtu)
             except _EXPECTED as exc:
                 log.warning("%s: cannot restore the MTU %d: %s", self.name, self.mtu, exc)
-        self._init_state()
 
     def close(self) -> None:
         """Stop the device and release everything it holds (not the packet backend)."""
@@ -319,8 +328,10 @@ class VhostUserNetBackend:
         return bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
 
     def pair_stats(self) -> list[dict[str, dict[str, int]]]:
-        """Per queue pair: {"rx": counters, "tx": counters} of the current device."""
-        return self.device.pair_stats()
+        """Per queue pair: {"rx": counters, "tx": counters} of the current device
+        (empty after :meth:`close`)."""
+        dev = self.device
+        return dev.pair_stats() if dev is not None else []
 
     # ---- the connection loop -----------------------------------------------------------------
 
@@ -818,7 +829,19 @@ class VhostUserNetBackend:
         ring.enable = bool(body.num)
         if ring.enable:
             self._update_active_pairs()
-        self.device.set_ring_enabled(ring.index, ring.enable)
+        # Synchronous: a worker may have read the old flag just before a burst, so a
+        # live toggle could still discard a frame added after our ack. Restarting the
+        # pair's worker makes the change take effect before the ack (the new worker
+        # looks at its rings once at start: no kick is lost).
+        pair = ring.index // 2
+        running = pair in self.device.workers
+        if running:
+            self.device.stop_pair(pair)
+        try:
+            self.device.set_ring_enabled(ring.index, ring.enable)
+        finally:
+            if running:
+                self._resume_pair(pair)
         if not ring.enable:
             self._update_active_pairs()
         log.info("%s: ring %d %s", self.name, ring.index,
@@ -881,6 +904,7 @@ class VhostUserNetBackend:
     def _on_reset_device(self, msg: Message, body: None) -> None:
         protocol, owner = self.protocol_features, self.owner
         self._teardown()
+        self._restore_mtu()
         self._init_state()
         self.protocol_features, self.owner = protocol, owner
         log.info("%s: device reset", self.name)

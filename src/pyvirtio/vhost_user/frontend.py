@@ -521,6 +521,18 @@ class VhostUserFrontend:
         self.running = False
         self._features_sent = False
 
+    def ring_errors(self) -> list[int]:
+        """The rings whose error eventfd (SET_VRING_ERR) the back-end signalled since the
+        last call: it found the ring broken."""
+        out = []
+        for index, fd in enumerate(self.err_fds):
+            try:
+                os.eventfd_read(fd)
+                out.append(index)
+            except BlockingIOError:
+                pass
+        return out
+
     def _need_protocol(self, bit: ProtocolFeature, what: str) -> None:
         if not self.protocol_features & bit:
             raise FrontendError(f"{self.name}: {what} needs VHOST_USER_PROTOCOL_F_{bit.name}, "

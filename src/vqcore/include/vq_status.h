@@ -30,6 +30,7 @@ enum vq_status {
     VQ_E_USED_ID = -16,            /* used element names a head not in flight */
     VQ_E_USED_LEN = -17,           /* used length larger than the writable bytes */
     VQ_E_NET_HDR = -18,            /* net: chain shorter than the virtio-net header */
+    VQ_E_DESC_NOT_AVAIL = -19,     /* packed: a chain runs into a descriptor not available */
     VQ_E_LAST_VIOLATION = -19,
     /* Errors of the caller; the queue stays usable. */
     VQ_E_NOT_IN_FLIGHT = -20,      /* push_used of a head that was not popped */

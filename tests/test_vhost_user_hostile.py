@@ -1,0 +1,419 @@
+"""A hostile front-end: every kind of bad input of issue 4 item 5, one test each.
+
+Each bad message must get an error reply (a NACK, when REPLY_ACK was negotiated and the
+message asked for a reply) or close the connection, with exactly one log line; the fds
+that came with it are closed (checked with the write end of a pipe: once every copy is
+closed the read end sees EOF); and the back-end then serves the next connection.
+Finally the fds of a ``pyvirtio net --sink`` process are counted around 1000
+connect/disconnect cycles, some of them cut short with fds in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pyvirtio.vhost_user.backend import VHOST_USER_NET_FEATURES
+from pyvirtio.vhost_user.messages import (HEADER, MAX_BODY, VERSION, VRING_NOFD_MASK,
+                                          ConfigSpace, MemRegion, MemTable, Request,
+                                          SingleMemRegion, U64, VringAddr, VringState)
+from vhost_user_peer import STARTUP, GPA_BASE, GuestRam, Peer, serving, start_net, wait_for
+
+REPLY_ACK = [pytest.param(True, id="reply-ack"), pytest.param(False, id="no-reply-ack")]
+
+
+@pytest.fixture
+def ram():
+    r = GuestRam(2 << 20, name="vu-hostile")
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def backend(tmp_path):
+    with serving(tmp_path, "sink", message_timeout=0.5) as s:
+        yield s
+
+
+def _warnings(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("pyvirtio")]
+
+
+def _still_serving(s) -> None:
+    with s.connect() as p:
+        assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+
+
+def _pipe_fd() -> tuple[int, int]:
+    """(read end, write end): send the write end, close ours, watch the read end."""
+    return os.pipe()
+
+
+def _all_closed(read_fd: int, timeout: float = 5.0) -> bool:
+    """Whether every copy of the pipe's write end was closed (EOF on ``read_fd``)."""
+    if not select.select([read_fd], [], [], timeout)[0]:
+        return False
+    return os.read(read_fd, 1) == b""
+
+
+def _open(s, reply_ack: bool, *, features: bool = False, memory: GuestRam | None = None
+          ) -> Peer:
+    """A connection, with REPLY_ACK negotiated or no protocol features at all."""
+    p = s.connect()
+    offered = p.get_features()
+    if reply_ack:
+        p.negotiate_protocol()
+    if features:
+        p.set_features(offered if reply_ack else offered & ~(1 << 30))
+    if memory is not None:
+        p.set_mem_table([memory])
+    return p
+
+
+def _refused(s, caplog, p: Peer, request: Request, reply_ack: bool,
+             pipe_read: int | None = None) -> None:
+    """The last message was refused: a NACK (and the connection goes on) with
+    REPLY_ACK, else the connection closed; one log line; fds closed; still serving."""
+    if reply_ack:
+        reply = p.recv()
+        assert reply.is_reply and reply.request == request
+        assert U64.unpack(reply.body).value != 0
+        assert p.get_features() == int(VHOST_USER_NET_FEATURES)     # goes on
+    else:
+        assert p.closed_by_peer()
+    p.close()
+    if pipe_read is not None:
+        assert _all_closed(pipe_read), "the back-end kept an fd of a refused message"
+        os.close(pipe_read)
+    assert len(_warnings(caplog)) == 1, [r.getMessage() for r in _warnings(caplog)]
+    _still_serving(s)
+
+
+def _closed(s, caplog, p: Peer, pipe_read: int | None = None) -> None:
+    """The back-end closed the connection with one log line and serves the next."""
+    assert p.closed_by_peer()
+    p.close()
+    if pipe_read is not None:
+        assert _all_closed(pipe_read)
+        os.close(pipe_read)
+    assert len(_warnings(caplog)) == 1, [r.getMessage() for r in _warnings(caplog)]
+    _still_serving(s)
+
+
+# ---- framing --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["eof", "stall"])
+def test_truncated_header(backend, caplog, how):
+    p = backend.connect()
+    p.send_raw(HEADER.pack(Request.GET_FEATURES, VERSION, 0)[:6])
+    if how == "eof":
+        p.sock.shutdown(socket.SHUT_WR)
+    _closed(backend, caplog, p)             # EOF at once, a stall after the timeout
+
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+def test_body_shorter_than_size(backend, caplog, reply_ack):
+    # on the stream: the header promises 8 bytes, 4 come, then the end
+    p = _open(backend, reply_ack)
+    p.send(Request.SET_FEATURES, U64(1).pack()[:4], size=8)
+    p.sock.shutdown(socket.SHUT_WR)
+    _closed(backend, caplog, p)
+    caplog.clear()
+    # a body shorter than the request's struct
+    p = _open(backend, reply_ack)
+    p.send(Request.SET_FEATURES, U64(1).pack()[:4], need_reply=reply_ack)
+    _refused(backend, caplog, p, Request.SET_FEATURES, reply_ack)
+
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+def test_body_longer_than_size(backend, caplog, reply_ack):
+    # a body longer than the request's struct
+    p = _open(backend, reply_ack)
+    p.send(Request.SET_VRING_NUM, VringState(0, 256).pack() + bytes(8), need_reply=reply_ack)
+    _refused(backend, caplog, p, Request.SET_VRING_NUM, reply_ack)
+    caplog.clear()
+    # on the stream: more bytes than the header says; the rest is a broken next header
+    p = _open(backend, reply_ack)
+    p.send_raw(HEADER.pack(Request.GET_FEATURES, VERSION, 0) + b"\x01\x02\x03\x04\x05")
+    reply = p.recv()
+    assert U64.unpack(reply.body).value == int(VHOST_USER_NET_FEATURES)
+    _closed(backend, caplog, p)             # the 5 stray bytes never make a header
+
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+def test_size_over_the_limit(backend, caplog, reply_ack):
+    p = _open(backend, reply_ack)
+    read, write = _pipe_fd()
+    p.send_raw(HEADER.pack(Request.SET_CONFIG, VERSION | 0x8, MAX_BODY + 1), [write])
+    os.close(write)
+    _closed(backend, caplog, p, read)       # the body cannot be skipped: connection ends
+
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+def test_unknown_request(backend, caplog, reply_ack):
+    p = _open(backend, reply_ack)
+    p.send(999, U64(0).pack(), need_reply=reply_ack)
+    _refused(backend, caplog, p, 999, reply_ack)
+    caplog.clear()
+    # known to the protocol but not served by this back-end (no IOMMU support)
+    p = _open(backend, reply_ack)
+    p.send(Request.IOTLB_MSG, bytes(32), need_reply=reply_ack)
+    _refused(backend, caplog, p, Request.IOTLB_MSG, reply_ack)
+
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+@pytest.mark.parametrize("case", ["fd-on-get-features", "kick-without-fd",
+                                  "call-nofd-with-fd", "table-fd-count", "add-reg-no-fd",
+                                  "nine-fds"])
+def test_wrong_number_of_fds(backend, caplog, ram, case, reply_ack):
+    p = _open(backend, reply_ack, features=True)
+    read, write = _pipe_fd()
+    fds = [write]
+    if case == "fd-on-get-features":
+        request, body = Request.SET_OWNER, b""
+    elif case == "kick-without-fd":
+        request, body, fds = Request.SET_VRING_KICK, U64(0).pack(), []
+    elif case == "call-nofd-with-fd":
+        request, body = Request.SET_VRING_CALL, U64(0 | VRING_NOFD_MASK).pack()
+    elif case == "table-fd-count":
+        request, body = Request.SET_MEM_TABLE, MemTable([ram.region()]).pack()
+        fds = [ram.fd, write]
+    elif case == "add-reg-no-fd":
+        request, body, fds = Request.ADD_MEM_REG, SingleMemRegion(ram.region()).pack(), []
+    else:                                     # more fds than a message may carry
+        request, body, fds = Request.SET_OWNER, b"", [write] * 9
+    p.send(request, body, fds, need_reply=reply_ack)
+    os.close(write)
+    if case == "nine-fds":                    # control data truncated: cannot be trusted
+        _closed(backend, caplog, p, read)
+        return
+    _refused(backend, caplog, p, request, reply_ack, read)
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+@pytest.mark.parametrize("case", ["size-0", "overlap", "fd-too-small", "pipe-fd",
+                                  "add-overlapping"])
+def test_bad_memory_region(backend, caplog, ram, case, reply_ack):
+    p = _open(backend, reply_ack, features=True)
+    read, write = _pipe_fd()
+    small = os.memfd_create("vu-small")
+    os.ftruncate(small, 4096)
+    try:
+        if case == "size-0":
+            regions = [MemRegion(GPA_BASE, 0, ram.uva, 0)]
+            request, body, fds = Request.SET_MEM_TABLE, MemTable(regions).pack(), [write]
+        elif case == "overlap":
+            regions = [ram.region(), MemRegion(GPA_BASE + 4096, 4096, ram.uva + (1 << 40), 0)]
+            request, body = Request.SET_MEM_TABLE, MemTable(regions).pack()
+            fds = [ram.fd, write]
+        elif case == "fd-too-small":          # a 4 KiB memfd for a 1 MiB region
+            regions = [MemRegion(GPA_BASE, 1 << 20, ram.uva, 0)]
+            request, body, fds = Request.SET_MEM_TABLE, MemTable(regions).pack(), [small]
+        elif case == "pipe-fd":               # an fd that cannot be mapped at all
+            regions = [MemRegion(GPA_BASE, 1 << 20, ram.uva, 0)]
+            request, body, fds = Request.SET_MEM_TABLE, MemTable(regions).pack(), [write]
+        else:                                 # ADD_MEM_REG over an existing region
+            assert p.add_mem_reg(ram.region(), ram.fd) == 0
+            caplog.clear()
+            region = MemRegion(GPA_BASE + 8192, 4096, ram.uva + (1 << 40), 0)
+            request, body = Request.ADD_MEM_REG, SingleMemRegion(region).pack()
+            fds = [write]
+        p.send(request, body, fds, need_reply=reply_ack)
+        os.close(write)
+        _refused(backend, caplog, p, request, reply_ack, read)
+        assert not backend.backend.regions or case == "add-overlapping"
+    finally:
+        os.close(small)
+
+
+# ---- rings ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+def test_ring_address_outside_every_region(backend, caplog, ram, reply_ack):
+    p = _open(backend, reply_ack, features=True, memory=ram)
+    p.call(Request.SET_VRING_NUM, VringState(0, 256).pack())
+    outside = ram.uva + ram.size + 4096
+    body = VringAddr(0, 0, outside, ram.uva + 8192, ram.uva + 4096, 0).pack()
+    p.send(Request.SET_VRING_ADDR, body, need_reply=reply_ack)
+    _refused(backend, caplog, p, Request.SET_VRING_ADDR, reply_ack)
+    caplog.clear()
+    # the used ring straddles the end of the region
+    p = _open(backend, reply_ack, features=True, memory=ram)
+    p.call(Request.SET_VRING_NUM, VringState(0, 256).pack())
+    body = VringAddr(0, 0, ram.uva, ram.uva + ram.size - 64, ram.uva + 4096, 0).pack()
+    p.send(Request.SET_VRING_ADDR, body, need_reply=reply_ack)
+    _refused(backend, caplog, p, Request.SET_VRING_ADDR, reply_ack)
+
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+@pytest.mark.parametrize("request_", [Request.SET_VRING_NUM, Request.SET_VRING_BASE,
+                                      Request.SET_VRING_ENABLE, Request.SET_VRING_ADDR,
+                                      Request.SET_VRING_KICK, Request.SET_VRING_CALL,
+                                      Request.SET_VRING_ERR])
+def test_queue_index_out_of_range(backend, caplog, ram, request_, reply_ack):
+    p = _open(backend, reply_ack, features=True, memory=ram)
+    fds: list[int] = []
+    read = None
+    if request_ in (Request.SET_VRING_NUM, Request.SET_VRING_BASE, Request.SET_VRING_ENABLE):
+        body = VringState(2, 1).pack()      # one pair: rings 0 and 1
+    elif request_ is Request.SET_VRING_ADDR:
+        body = VringAddr(7, 0, ram.uva, ram.uva + 8192, ram.uva + 4096, 0).pack()
+    else:
+        read, write = _pipe_fd()
+        body, fds = U64(200).pack(), [write]
+    p.send(request_, body, fds, need_reply=reply_ack)
+    if fds:
+        os.close(fds[0])
+    _refused(backend, caplog, p, request_, reply_ack, read)
+
+
+def test_get_vring_base_index_out_of_range(backend, caplog):
+    # a request with a reply of its own cannot be NACKed: the connection ends
+    p = _open(backend, True)
+    p.send(Request.GET_VRING_BASE, VringState(9, 0).pack(), need_reply=True)
+    _closed(backend, caplog, p)
+
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+@pytest.mark.parametrize("num", [0, 100, 65536])
+def test_set_vring_num_not_a_power_of_two_or_too_big(backend, caplog, num, reply_ack):
+    p = _open(backend, reply_ack, features=True)
+    p.send(Request.SET_VRING_NUM, VringState(0, num).pack(), need_reply=reply_ack)
+    _refused(backend, caplog, p, Request.SET_VRING_NUM, reply_ack)
+    assert backend.backend.rings[0].num is None
+
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+def test_set_vring_base_beyond_the_ring(backend, caplog, reply_ack):
+    p = _open(backend, reply_ack, features=True)
+    p.send(Request.SET_VRING_BASE, VringState(1, 0x10000).pack(), need_reply=reply_ack)
+    _refused(backend, caplog, p, Request.SET_VRING_BASE, reply_ack)
+
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+@pytest.mark.parametrize("request_", [Request.SET_VRING_ADDR, Request.SET_VRING_KICK])
+def test_rings_before_the_memory_table(backend, caplog, ram, request_, reply_ack):
+    p = _open(backend, reply_ack, features=True)
+    p.call(Request.SET_VRING_NUM, VringState(0, 256).pack())
+    fds: list[int] = []
+    read = None
+    if request_ is Request.SET_VRING_ADDR:
+        body = VringAddr(0, 0, ram.uva, ram.uva + 8192, ram.uva + 4096, 0).pack()
+    else:
+        read, write = _pipe_fd()
+        body, fds = U64(0).pack(), [write]
+    p.send(request_, body, fds, need_reply=reply_ack)
+    if fds:
+        os.close(fds[0])
+    _refused(backend, caplog, p, request_, reply_ack, read)
+    assert not backend.backend.rings[0].started
+
+
+def test_bad_messages_leave_a_running_device_running(backend, caplog, ram):
+    """NACKed messages in the middle of traffic do not disturb the rings."""
+    with backend.connect() as p:
+        g = start_net(p, ram)
+        for body, request in ((VringState(0, 100).pack(), Request.SET_VRING_NUM),
+                              (VringState(0, 3).pack(), Request.SET_VRING_BASE),
+                              (ConfigSpace(0, 6, 0, bytes(6)).pack(), Request.SET_CONFIG)):
+            assert p.call(request, body, check=False) != 0
+        assert len(_warnings(caplog)) == 3
+        frames = [bytes(60) for _ in range(50)]
+        assert g.driver.send(0, frames) == 50
+        assert g.driver.wait_tx_done(0)
+        assert p.get_vring_base(1) == 50
+        g.close()
+
+
+# ---- fds of the back-end process ----------------------------------------------------------
+
+def _proc_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _probe(path: str, pid: int) -> int:
+    """The back-end's fd count with exactly one idle connection (after a round trip:
+    the server serves one connection at a time, so every earlier one is finished)."""
+    with Peer(path) as p:
+        assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+        return _proc_fds(pid)
+
+
+def _cycle(i: int, path: str, ram: GuestRam) -> None:
+    """One connect/disconnect cycle of kind ``i % 10``."""
+    kind = i % 10
+    p = Peer(path)
+    try:
+        if kind == 1:
+            p.get_features()
+        elif kind == 2:                      # half a header
+            p.send_raw(HEADER.pack(Request.SET_FEATURES, VERSION, 8)[:7])
+        elif kind == 3:                      # header and fds of a table, half its body
+            body = MemTable([ram.region()]).pack()
+            p.send_raw(HEADER.pack(Request.SET_MEM_TABLE, VERSION, len(body)) + body[:20],
+                       [ram.fd])
+        elif kind == 4:                      # an eventfd the back-end keeps, then gone
+            efd = os.eventfd(0)
+            p.send(Request.SET_VRING_CALL, U64(0).pack(), [efd])
+            os.close(efd)
+            p.get_features()
+        elif kind == 5:                      # fds on a message that takes none
+            efd = os.eventfd(0)
+            p.send(Request.GET_FEATURES, b"", [efd, efd])
+            os.close(efd)
+        elif kind == 6:                      # a header with fds and nothing after it
+            efd = os.eventfd(0)
+            p.send_raw(HEADER.pack(Request.SET_VRING_KICK, VERSION, 8), [efd, efd, efd])
+            os.close(efd)
+        elif kind == 7:
+            if i % 50 == 7:                  # a running device torn down by the close
+                g = start_net(p, ram, protocol=0)
+                g.driver.send(0, [bytes(60)] * 8)
+                g.close()
+            else:                            # memory and a ring set up, never started
+                p.get_features()
+                p.set_mem_table([ram])
+                p.vring_num(0, 256)
+                p.vring_addr(0, ram.uva, ram.uva + 8192, ram.uva + 4096)
+                p.get_features()
+        elif kind == 8:                      # a mapped table
+            p.set_mem_table([ram])
+            p.get_features()
+        elif kind == 9:                      # a size over the limit
+            p.send_raw(HEADER.pack(Request.SET_CONFIG, VERSION, MAX_BODY * 4))
+    finally:
+        p.close()
+
+
+def test_backend_fds_equal_before_and_after_1000_connections(tmp_path, ram):
+    path = str(tmp_path / "net.sock")
+    log_path = tmp_path / "backend.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "pyvirtio", "net", "--socket-path", path,
+                                 "--sink", "--message-timeout", "2"], stdout=logf, stderr=logf)
+    try:
+        wait_for(lambda: os.path.exists(path), STARTUP, "the socket")
+        for i in range(20):                   # warm up every path once
+            _cycle(i, path, ram)
+        before = _probe(path, proc.pid)
+        for i in range(1000):
+            _cycle(i, path, ram)
+        after = _probe(path, proc.pid)
+        assert after == before, f"{before} fds before, {after} after"
+        assert proc.poll() is None, log_path.read_text()[-2000:]
+    finally:
+        proc.terminate()
+        rc = proc.wait(30)
+    assert rc == 0, log_path.read_text()[-2000:]
+    log_text = log_path.read_text()
+    assert "Traceback" not in log_text
+    assert log_text.count("closing the connection") >= 400
