@@ -75,7 +75,7 @@ TAP_NAME = "vqtap0"
 BOOT_TIMEOUT = 90.0
 #: how long the backend may take to listen on its socket (Python start + imports; an
 #: editable install may rebuild the Cython modules first)
-BACKEND_START_TIMEOUT = 120.0
+BACKEND_START_TIMEOUT = 240.0
 
 QEMU = "qemu-system-x86_64"
 _READY = re.compile(r"VQ-READY features=([01]*)")
