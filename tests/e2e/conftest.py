@@ -25,8 +25,8 @@ import pytest
 
 from pyvirtio.netns import NETNS_RUN_DIR
 
-from . import guest
-from . import harness
+from pyvirtio.guest import harness
+from pyvirtio.guest import image as guest
 
 REPO = Path(__file__).resolve().parents[2]
 #: where the logs of a failed test go (ignored by git)

@@ -20,10 +20,11 @@ from pyvirtio.features import Transport as T
 from pyvirtio.features import describe
 from pyvirtio.vhost_user.backend import VHOST_USER_NET_FEATURES
 
-from .guest import GuestImageError, kernel_cmdline, module_depends, module_load_order
-from .harness import (BACKENDS, GUEST_IP, GUEST_MAC, HOST_IP, VmConfig, ethtool_stats,
-                      guest_feature_bits, negotiated_features, parse_snmp,
-                      ring_stop_indices)
+from pyvirtio.guest.harness import (BACKENDS, GUEST_IP, GUEST_MAC, HOST_IP, VmConfig,
+                                    ethtool_stats, guest_feature_bits, negotiated_features,
+                                    parse_snmp, ring_stop_indices)
+from pyvirtio.guest.image import (GuestImageError, kernel_cmdline, module_depends,
+                                  module_load_order)
 
 #: the project-wide 600 s timeout applies: a test takes 3-12 s here, but starting
 #: `pyvirtio net` from an editable install may first wait minutes for a Cython rebuild

@@ -1,4 +1,4 @@
-"""The guest image of the end-to-end tests: a Debian cloud kernel and a busybox initramfs.
+"""The guest image of the end-to-end tests and the bench's guest level: a Debian cloud kernel and a busybox initramfs.
 
 Built from Debian packages only, never installed on the host:
 
@@ -32,7 +32,7 @@ package versions, the host binaries copied in and the scripts.
 
 Use it as a module (:func:`build_image`) or a command::
 
-    python tests/e2e/guest.py [--force] [--cache DIR] [-v]
+    python -m pyvirtio.guest.image [--force] [--cache DIR] [-v]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ __all__ = [
     "newest_cached",
 ]
 
-log = logging.getLogger("e2e.guest")
+log = logging.getLogger("pyvirtio.guest.image")
 
 #: Debian's meta package that depends on the current cloud kernel ABI package
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -207,11 +207,17 @@ def kernel_cmdline(*, ip: str | None = None, mtu: int | None = None,
 
 
 def default_cache_root() -> Path:
-    """``$VQ_E2E_CACHE`` or ``<repository>/.cache/e2e``."""
+    """``$VQ_E2E_CACHE``; in a source checkout (an editable install)
+    ``<repository>/.cache/e2e``; else ``$XDG_CACHE_HOME/pyvirtio/guest`` (default
+    ``~/.cache/pyvirtio/guest``)."""
     env = os.environ.get("VQ_E2E_CACHE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / ".cache" / "e2e"
+    repo = Path(__file__).resolve().parents[3]         # src/pyvirtio/guest/image.py
+    if (repo / "pyproject.toml").is_file() and (repo / "src" / "pyvirtio").is_dir():
+        return repo / ".cache" / "e2e"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "pyvirtio" / "guest"
 
 
 def _run(argv: Sequence[str], *, cwd: Path | None = None, what: str,
@@ -548,7 +554,7 @@ def _cpio_gzip(tree: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python tests/e2e/guest.py``: build (or find) the image, print its paths."""
+    """``python -m pyvirtio.guest.image``: build (or find) the image, print its paths."""
     p = argparse.ArgumentParser(description="Build the e2e guest image (cached).")
     p.add_argument("--cache", type=Path, default=None,
                    help="cache folder (default: $VQ_E2E_CACHE or .cache/e2e)")

@@ -1,5 +1,5 @@
-"""Boot the e2e guest (:mod:`guest`) under QEMU with a virtio-net NIC, inside a network
-namespace the harness creates, and talk to it.
+"""Boot the guest (:mod:`pyvirtio.guest.image`) under QEMU with a virtio-net NIC, inside
+a network namespace the harness creates, and talk to it.
 
 One :class:`Testbed` per test:
 
@@ -51,7 +51,7 @@ from typing import Iterator, Sequence
 
 from pyvirtio import netns as _netns
 
-from .guest import AGENT_PORT, GuestImage, kernel_cmdline
+from pyvirtio.guest.image import AGENT_PORT, GuestImage, kernel_cmdline
 
 __all__ = [
     "BACKENDS", "GUEST_IP", "HOST_IP", "PREFIXLEN", "GUEST_MAC", "TAP_NAME",
@@ -62,7 +62,7 @@ __all__ = [
     "negotiated_features", "ethtool_stats",
 ]
 
-log = logging.getLogger("e2e.harness")
+log = logging.getLogger("pyvirtio.guest.harness")
 
 #: the NIC backends a test can run over
 BACKENDS = ("qemu-tap", "vhost-user")
