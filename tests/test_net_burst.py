@@ -10,7 +10,7 @@ import pytest
 
 from vqcore import ChainBatch, GuestMemory, SplitDeviceQueue, SplitDriverQueue, split_addresses
 from vqcore.errors import NetHeaderError, QueueBroken
-from vqcore.net import NetRxFilter, NetStats, rx_burst, tx_burst
+from vqcore.net import DISCARD_FD, NetRxFilter, NetStats, rx_burst, tx_burst
 
 HDR = 12
 DATA = 0x100000
@@ -92,6 +92,29 @@ def test_tx_frames_leave_byte_exact(pair, size):
     done = ChainBatch(16)
     assert g.gtx.reclaim(done) == 5
     assert list(done.used_len) == [0] * 5           # TX: the device wrote nothing
+
+
+@pytest.mark.parametrize("fd", [DISCARD_FD, -1])
+def test_tx_without_an_fd_consumes_every_chain(pair, fd):
+    """DISCARD_FD (a sink) counts frames as sent; -1 (a disabled ring) as dropped.
+    Either way every chain goes back to the guest and nothing reaches any fd."""
+    g = Guest()
+    frames = [frame(60 + 100 * i, i) for i in range(5)]
+    g.send(frames)
+    st = NetStats()
+    sent = tx_burst(g.dtx, ChainBatch(64), fd, st)
+    if fd == DISCARD_FD:
+        assert sent == 5 and st.packets == 5 and st.dropped == 0
+        assert st.bytes == sum(len(f) for f in frames)
+    else:
+        assert sent == 0 and st.packets == 0 and st.dropped == 5 and st.bytes == 0
+    assert st.errors == 0
+    done = ChainBatch(16)
+    assert g.gtx.reclaim(done) == 5
+    assert list(done.used_len) == [0] * 5
+    pair[1].setblocking(False)
+    with pytest.raises(BlockingIOError):
+        pair[1].recv(100)
 
 
 def test_tx_header_split_across_segments(pair):

@@ -7,6 +7,7 @@ from vqcore.queue cimport vq_dev
 cdef extern from "vq_net.h" nogil:
     enum:
         VQ_NET_MAC_TABLE
+        VQ_NET_FD_DISCARD
     struct vq_net_filter:
         uint8_t promisc, allmulti, alluni, nomulti, nouni, nobcast
         uint8_t uni_overflow, multi_overflow

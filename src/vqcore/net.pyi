@@ -5,6 +5,7 @@ from vqcore.queue import DeviceQueue
 
 HDR_LEN: int
 MAC_TABLE_ENTRIES: int
+DISCARD_FD: int
 
 class NetRxFilter:
     """RX filter of a virtio-net device (QEMU receive_filter semantics)."""

@@ -16,6 +16,8 @@ from vqcore.queue cimport DeviceQueue
 
 HDR_LEN = 12
 MAC_TABLE_ENTRIES = VQ_NET_MAC_TABLE
+#: the TX ``fd`` of a sink: frames are consumed and counted as sent, with no syscall
+DISCARD_FD = VQ_NET_FD_DISCARD
 
 
 cdef bytes _mac(const uint8_t *m):
@@ -191,8 +193,10 @@ def tx_burst(DeviceQueue queue not None, ChainBatch batch not None, int fd,
              NetStats stats not None, *, unsigned int hdr_len=12, int call_fd=-1):
     """Send up to ``batch.max_chains`` TX chains to ``fd``; returns frames sent.
 
-    With ``fd < 0`` every chain is returned unsent and counted as dropped (a started
-    but disabled ring: vhost-user's "process and discard TX").
+    With ``fd == DISCARD_FD`` every chain is consumed and counted as sent without a
+    syscall (a sink: the pure ring rate). With any other ``fd < 0`` every chain is
+    returned unsent and counted as dropped (a started but disabled ring: vhost-user's
+    "process and discard TX").
 
     A chain shorter than the virtio-net header is a guest violation
     (:class:`~vqcore.errors.NetHeaderError`): the chains before it are still sent and
