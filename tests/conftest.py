@@ -69,6 +69,13 @@ def used_waiting(memory, drv) -> bool:
 RING_BASE = 0x10000
 
 
+@pytest.fixture(params=LAYOUTS)
+def ring_kind(request) -> str:
+    """The ring layout the whole stack runs with: "split" or "packed" (the caller
+    negotiates VIRTIO_F_RING_PACKED for the latter, nothing else changes)."""
+    return request.param
+
+
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def impl(request):
     """The implementation under test: ``vqcore`` (engine) or ``vqcore.model``."""

@@ -3,7 +3,9 @@
 The back-end runs with its server in a thread (one test also as a ``pyvirtio net``
 subprocess); guest memory is a memfd; the guest side of the rings is a
 :class:`pyvirtio.net.driver.NetDriver`. Packets go to the loopback (TX comes back as
-RX), the sink, or a TAP in a namespace the test creates.
+RX), the sink, or a TAP in a namespace the test creates. The tests of traffic, ring
+bases, resumes, reboots and several pairs run for split and packed rings (``ring_kind``:
+the front-end negotiates VIRTIO_F_RING_PACKED or not, nothing else differs).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pyvirtio.vhost_user.backend import (GUEST_OFFLOADS, PROTOCOL_FEATURES,
                                          VHOST_USER_NET_FEATURES, rarp_frame)
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, MAX_MEM_SLOTS, ConfigSpace,
                                           MemRegion, ProtocolFeature, Request, U64)
-from vhost_user_peer import (ALL_PROTOCOL, GPA_BASE, Guest, GuestRam, frame,
-                             new_driver, recv_frames, serving, start_net, wait_for)
+from vhost_user_peer import (ALL_PROTOCOL, GPA_BASE, Guest, GuestRam, frame, new_driver,
+                             recv_frames, ring_features, serving, start_net, wait_for)
 
 GUEST_MAC = bytes.fromhex("525400abcdef")
 
@@ -103,9 +105,9 @@ def test_set_features_negotiates_and_sets_offloads(tmp_path):
 
 # ---- ring life cycle ------------------------------------------------------------------------
 
-def test_rings_start_disabled_with_protocol_features(tmp_path, ram):
+def test_rings_start_disabled_with_protocol_features(tmp_path, ram, ring_kind):
     with serving(tmp_path, "loopback") as s, s.connect() as p:
-        g = start_net(p, ram, enable=False)
+        g = start_net(p, ram, enable=False, packed=ring_kind == "packed")
         assert [r.started for r in s.backend.rings] == [True, True]
         assert s.backend.device.ring_enabled == [False, False]
         discarded = [frame(1000 + i) for i in range(10)]
@@ -143,10 +145,10 @@ def test_kicks_and_frames_before_enable_are_not_lost(tmp_path, ram):
         g.close()
 
 
-def test_kick_before_the_ring_starts_is_not_lost(tmp_path, ram):
+def test_kick_before_the_ring_starts_is_not_lost(tmp_path, ram, ring_kind):
     """QEMU's order: SET_VRING_ENABLE before SET_VRING_KICK; the guest kicked already."""
     with serving(tmp_path, "loopback") as s, s.connect() as p:
-        features = p.get_features()
+        features = ring_features(p.get_features(), ring_kind == "packed")
         p.negotiate_protocol()
         p.set_features(features)
         p.set_mem_table([ram])
@@ -165,36 +167,42 @@ def test_kick_before_the_ring_starts_is_not_lost(tmp_path, ram):
         g.close()
 
 
-def test_get_vring_base_stops_the_ring_and_returns_next_avail(tmp_path, ram):
+def test_get_vring_base_stops_the_ring_and_returns_next_avail(tmp_path, ram, ring_kind):
     with serving(tmp_path, "loopback") as s, s.connect() as p:
-        g = start_net(p, ram)
+        g = start_net(p, ram, packed=ring_kind == "packed")
         _exchange(g.driver, 0, 0, 37)
-        assert p.get_vring_base(1) == 37 == g.driver.tx[0].queue.next_avail
+        assert p.get_vring_base(1) == g.base(37)
+        assert g.base(37) & 0xFFFF == g.driver.tx[0].queue.next_avail
         assert not s.backend.rings[1].started
         assert s.backend.device.queues[1] is None
         # frames queued while TX is stopped go out once it is started where it stopped
         later = [frame(100 + i) for i in range(5)]
         assert g.driver.send(0, later) == 5
-        g.setup_ring(1, base=37)
+        g.setup_ring(1, base=g.base(37))
         assert recv_frames(g.driver, 0, 5) == later
         # the RX ring, after SET_VRING_ENABLE(0) as QEMU 7.2+ sends it first
         p.vring_enable(0, False)
-        assert p.get_vring_base(0) == 42 == g.driver.rx[0].queue.last_used
-        assert p.get_vring_base(1) == 42
+        assert p.get_vring_base(0) == g.base(42)
+        assert g.base(42) & 0xFFFF == g.driver.rx[0].queue.last_used
+        assert p.get_vring_base(1) == g.base(42)
         # a ring that is not running answers the index it stopped at, or was given
-        assert p.get_vring_base(0) == 42
-        p.vring_base(0, 7)
-        assert p.get_vring_base(0) == 7
+        assert p.get_vring_base(0) == g.base(42)
+        p.vring_base(0, g.base(7))
+        assert p.get_vring_base(0) == g.base(7)
         g.close()
 
 
-def test_resume_in_a_fresh_backend_loses_and_repeats_nothing(tmp_path, ram):
+def test_resume_in_a_fresh_backend_loses_and_repeats_nothing(tmp_path, ram, ring_kind):
+    """GET_VRING_BASE after traffic (300 chains: a packed ring of 256 wrapped), then
+    SET_VRING_BASE into a fresh back-end: the rings resume where they were."""
     with serving(tmp_path, "loopback") as s:
         with s.connect() as p:
-            g = start_net(p, ram)
+            g = start_net(p, ram, packed=ring_kind == "packed")
             _exchange(g.driver, 0, 0, 300)
             bases = g.stop()
-        assert bases == {0: 300, 1: 300}
+        assert bases == {0: g.base(300), 1: g.base(300)}
+        if g.packed:         # slot 44, both wrap counters flipped to 0
+            assert bases[0] == 44 | 44 << 16
         wait_for(lambda: s.backend.connections == 1 and s.backend.memory is None)
         with s.connect() as p:          # a new connection is a fresh back-end
             p.negotiate_protocol()
@@ -205,13 +213,38 @@ def test_resume_in_a_fresh_backend_loses_and_repeats_nothing(tmp_path, ram):
                 g.setup_ring(i, base=bases[i])
             g.enable(True)
             _exchange(g.driver, 0, 300, 300)
-            assert g.stop() == {0: 600, 1: 600}
+            assert g.stop() == {0: g.base(600), 1: g.base(600)}
         g.close()
 
 
-def test_ring_without_kick_fd_is_polled(tmp_path, ram):
+def test_packed_resume_with_chains_in_flight_processes_them_again(tmp_path, ram):
+    """A packed ring stopped with chains in flight (the used half of the base behind
+    the avail half, as QEMU hands back what the previous back-end answered): the new
+    back-end starts at the used position and processes them (the loopback returns each
+    frame once); a ring of 100 slots (not a power of two) wraps on the way."""
     with serving(tmp_path, "loopback") as s, s.connect() as p:
-        features = p.get_features()
+        g = start_net(p, ram, packed=True, queue_size=100)
+        _exchange(g.driver, 0, 0, 150)
+        bases = g.stop()
+        assert bases == {0: g.base(150), 1: g.base(150)}
+        assert bases[1] == 50 | 50 << 16               # wrap counters 0
+        # the guest queues two frames while no back-end runs
+        later = [frame(500), frame(501)]
+        assert g.driver.send(0, later) == 2
+        # pretend the previous owner had popped them (avail 52) but not completed them
+        in_flight = 50 << 16 | 52
+        g.enable(True)          # before the rings start: a disabled TX ring discards
+        g.setup_ring(1, base=in_flight)
+        g.setup_ring(0, base=bases[0])
+        assert recv_frames(g.driver, 0, 2) == later
+        _exchange(g.driver, 0, 1000, 80)
+        assert g.stop() == {0: g.base(232), 1: g.base(232)}
+        g.close()
+
+
+def test_ring_without_kick_fd_is_polled(tmp_path, ram, ring_kind):
+    with serving(tmp_path, "loopback") as s, s.connect() as p:
+        features = ring_features(p.get_features(), ring_kind == "packed")
         p.negotiate_protocol()
         p.set_features(features)
         p.set_mem_table([ram])
@@ -226,7 +259,7 @@ def test_ring_without_kick_fd_is_polled(tmp_path, ram):
         assert s.backend.rings[1].poll
         assert s.backend.device.workers[0].cfg.poll
         _exchange(driver, 0, 0, 50)
-        assert p.get_vring_base(1) == 50
+        assert p.get_vring_base(1) == g.base(50)
         wait_for(lambda: 0 in s.backend.device.workers)
         assert not s.backend.device.workers[0].cfg.poll   # RX alone: back to sleeping
         g.close()
@@ -260,12 +293,12 @@ def test_broken_ring_signals_its_error_fd_and_needs_reset(tmp_path, ram):
 
 # ---- memory ----------------------------------------------------------------------------------
 
-def test_memory_table_swap_with_running_rings(tmp_path, ram):
+def test_memory_table_swap_with_running_rings(tmp_path, ram, ring_kind):
     extra_name = f"vu-extra-{os.getpid()}"
     extra = GuestRam(1 << 20, gpa=GPA_BASE + (1 << 30), name=extra_name)
     try:
         with serving(tmp_path, "loopback") as s, s.connect() as p:
-            g = start_net(p, ram)
+            g = start_net(p, ram, packed=ring_kind == "packed")
             _exchange(g.driver, 0, 0, 50)
             assert _memfd_maps(ram.name) == 2       # ours and the back-end's
             assert p.set_mem_table([ram, extra]) == 0
@@ -275,8 +308,8 @@ def test_memory_table_swap_with_running_rings(tmp_path, ram):
             assert _memfd_maps(ram.name) == 2
             assert _memfd_maps(extra_name) == 2
             _exchange(g.driver, 0, 50, 50)          # the rings went on where they were
-            assert p.get_vring_base(1) == 100
-            g.setup_ring(1, base=100)
+            assert p.get_vring_base(1) == g.base(100)
+            g.setup_ring(1, base=g.base(100))
             # a table without the rings' region: refused, the rings stop
             assert p.set_mem_table([extra], check=False) != 0
             assert not any(r.started for r in s.backend.rings)
@@ -304,12 +337,49 @@ def test_add_and_remove_memory_regions(tmp_path, ram):
             # QEMU used to send the region's fd with REM_MEM_REG: accepted, closed
             assert p.rem_mem_reg(extra.region(), [extra.fd]) == 0
             assert len(s.backend.regions) == 1
-            assert p.rem_mem_reg(extra.region(), check=False) != 0   # not there any more
+            # removed again (QEMU 7.2: once per queue pair): acknowledged, nothing changes
+            assert p.rem_mem_reg(extra.region()) == 0
+            assert len(s.backend.regions) == 1
             _exchange(g.driver, 0, 80, 40)
             assert g.stop() == {0: 120, 1: 120}
             g.close()
     finally:
         extra.close()
+
+
+def test_duplicate_add_mem_reg_per_queue_pair(tmp_path, ring_kind, caplog):
+    """QEMU 7.2 with 2 queue pairs: each pair's vhost device sends ADD_MEM_REG of the
+    same region (and later REM_MEM_REG): the copy is acknowledged and its fd closed,
+    one mapping serves both pairs, and traffic flows on both."""
+    ram = GuestRam(16 << 20, name=f"vu-dup-{os.getpid()}")
+    try:
+        with serving(tmp_path, "loopback", queues=2) as s, s.connect() as p:
+            caplog.set_level("DEBUG", logger="pyvirtio.vhost_user.backend")
+            g = start_net(p, ram, pairs=2, memory="add", packed=ring_kind == "packed")
+            fd = os.dup(ram.fd)
+            try:
+                assert p.add_mem_reg(ram.region(), fd) == 0        # pair 1's copy
+            finally:
+                os.close(fd)
+            assert len(s.backend.regions) == 1
+            assert _memfd_maps(ram.name) == 2           # ours and the back-end's one
+            assert "already mapped" in caplog.text
+            for pair in (0, 1):
+                _exchange(g.driver, pair, 0, 60 + 10 * pair)
+            stats = s.backend.pair_stats()
+            assert [st["tx"]["packets"] for st in stats] == [60, 70]
+            assert [st["rx"]["packets"] for st in stats] == [60, 70]
+            # the same region at another mmap offset is not a copy: it overlaps
+            moved = MemRegion(ram.gpa, ram.size, ram.uva, 4096)
+            assert p.add_mem_reg(moved, ram.fd, check=False) != 0
+            assert g.stop() == {0: g.base(60), 1: g.base(60), 2: g.base(70),
+                                3: g.base(70)}
+            assert p.rem_mem_reg(ram.region()) == 0
+            assert p.rem_mem_reg(ram.region()) == 0       # pair 1's removal
+            assert not s.backend.regions
+            g.close()
+    finally:
+        ram.close()
 
 
 # ---- configuration, status, reset ----------------------------------------------------------
@@ -370,18 +440,18 @@ def test_reset_device_returns_to_the_initial_state(tmp_path, ram):
         g.close()
 
 
-def test_guest_reboot_sequence(tmp_path):
+def test_guest_reboot_sequence(tmp_path, ring_kind):
     ram = GuestRam(16 << 20, name="vu-reboot")
     try:
         with serving(tmp_path, "loopback", queues=2) as s, s.connect() as p:
-            g = start_net(p, ram, pairs=2)
+            g = start_net(p, ram, pairs=2, packed=ring_kind == "packed")
             ok = S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK
             p.call(Request.SET_STATUS, U64(ok).pack())
             _exchange(g.driver, 0, 0, 70)
             _exchange(g.driver, 1, 0, 20)
             # QEMU's stop: status 0, rings disabled, GET_VRING_BASE per ring
             p.call(Request.SET_STATUS, U64(0).pack())
-            assert g.stop() == {0: 70, 1: 70, 2: 20, 3: 20}
+            assert g.stop() == {0: g.base(70), 1: g.base(70), 2: g.base(20), 3: g.base(20)}
             features = g.features
             g.close()
             # the guest boots again: new rings (elsewhere), every index from 0
@@ -390,14 +460,14 @@ def test_guest_reboot_sequence(tmp_path):
             driver = new_driver(ram, features, pairs=2, base_offset=8 << 20)
             g = Guest(p, ram, driver, features)
             for i in range(4):
-                g.setup_ring(i, base=0)
+                g.setup_ring(i, base=g.base(0))      # QEMU after a reset: 0 / 0x80008000
             g.enable(True)
             for pair in (0, 1):
                 driver.post_rx(pair)
             p.call(Request.SET_STATUS, U64(ok).pack())
             _exchange(driver, 0, 0, 10)
             _exchange(driver, 1, 0, 15)
-            assert g.stop() == {0: 10, 1: 10, 2: 15, 3: 15}
+            assert g.stop() == {0: g.base(10), 1: g.base(10), 2: g.base(15), 3: g.base(15)}
             g.close()
     finally:
         ram.close()
@@ -405,11 +475,11 @@ def test_guest_reboot_sequence(tmp_path):
 
 # ---- frames --------------------------------------------------------------------------------
 
-def test_frames_through_loopback_on_four_pairs(tmp_path):
+def test_frames_through_loopback_on_four_pairs(tmp_path, ring_kind):
     ram = GuestRam(16 << 20, name="vu-4pairs")
     try:
         with serving(tmp_path, "loopback", queues=4) as s, s.connect() as p:
-            g = start_net(p, ram, pairs=4)
+            g = start_net(p, ram, pairs=4, packed=ring_kind == "packed")
             for pair in range(4):
                 sizes = [60 + (i * 97 + pair * 31) % 1455 for i in range(300)]
                 frames = [frame(pair * 1000 + i, n) for i, n in enumerate(sizes)]

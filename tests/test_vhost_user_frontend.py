@@ -59,6 +59,7 @@ from pyvirtio.vhost_user.memfd import SharedGuestMemory
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, ConfigSpace,
                                           MemTable, Message, ProtocolFeature as PF,
                                           Request as R, U64, VringAddr, VringState)
+from vhost_user_peer import ring_base
 
 ETH_P_EXPERIMENTAL = 0x88B5
 DST_MAC = bytes.fromhex("02aabbccdd02")
@@ -246,6 +247,22 @@ def backend(sockdir: str, *args: str, name: str = "be") -> Iterator[Backend]:
                 proc.wait()
                 pytest.fail(f"pyvirtio net ignored SIGTERM:\n{be.output()}")
         assert proc.returncode == 0, f"pyvirtio net exited with {proc.returncode}:\n{be.output()}"
+
+
+def ring_kwargs(ring_kind: str) -> dict:
+    """VhostUserFrontend arguments for ``ring_kind``: packed asks for
+    VIRTIO_F_RING_PACKED on top of the defaults, split takes the defaults."""
+    if ring_kind == "packed":
+        return {"features": int(DEFAULT_FEATURES | T.RING_PACKED)}
+    return {}
+
+
+def bases_after(fe: VhostUserFrontend, chains: int, rings: Sequence[int] = (0, 1)
+                ) -> dict[int, int]:
+    """GET_VRING_BASE of ``rings`` after ``chains`` one-descriptor chains each, none in
+    flight (split: the index; packed: slot and wrap counter, avail and used halves)."""
+    packed = bool(fe.features & T.RING_PACKED)
+    return {i: ring_base(packed, fe.queue_size, chains) for i in rings}
 
 
 @contextmanager
@@ -572,8 +589,8 @@ def test_negotiation_with_pyvirtio_net(sockdir):
         try:
             fe.connect(be.path, timeout=30)
             assert fe.offered_features & F_PROTOCOL_FEATURES     # bit 30, as a mask
-            assert fe.offered_features == int(BACKEND_FEATURES | N.MQ)
-            assert fe.features == int(BACKEND_FEATURES | N.MQ)
+            assert fe.offered_features == int(BACKEND_FEATURES | N.MQ | T.RING_PACKED)
+            assert fe.features == int(BACKEND_FEATURES | N.MQ)      # packed: not asked
             assert fe.offered_protocol_features == int(BACKEND_PF)
             assert fe.protocol_features == int(BACKEND_PF & ~PF.CONFIGURE_MEM_SLOTS)
             assert fe.queue_num == 2
@@ -631,21 +648,22 @@ def test_million_frames_each_way_through_loopback(sockdir):
         assert bases == {0: total % 65536, 1: total % 65536}
 
 
-def test_four_queue_pairs(sockdir):
+def test_four_queue_pairs(sockdir, ring_kind):
     """Four pairs at once, each frame back on the pair it left from."""
     with backend(sockdir, "--loopback", "--queues", "4") as be, \
-            frontend(be, pairs=4, name="mq4") as fe:
+            frontend(be, pairs=4, name="mq4", **ring_kwargs(ring_kind)) as fe:
+        assert bool(fe.features & T.RING_PACKED) == (ring_kind == "packed")
         pumps = [Pump(fe, p, 20000, tag=0x40 + p, window=96) for p in range(4)]
         run_pumps(pumps)
-        assert fe.stop() == {i: 20000 for i in range(8)}
+        assert fe.stop() == bases_after(fe, 20000, range(8))
 
 
-def test_merged_rx_buffers(sockdir):
+def test_merged_rx_buffers(sockdir, ring_kind):
     """Frames of 9000 and 60000 bytes come back spread over 1536-byte RX buffers
     (MRG_RXBUF) and are joined again."""
     lengths = (9000, 60000)
     with backend(sockdir, "--loopback", "--mtu", "9000") as be, \
-            frontend(be, name="mrg") as fe:
+            frontend(be, name="mrg", **ring_kwargs(ring_kind)) as fe:
         assert fe.features & N.MRG_RXBUF and fe.queue(0).slot_size == 1536
         pump = Pump(fe, 0, 512, lengths=lengths, window=8)
         seen_buffers = []
@@ -710,18 +728,19 @@ def test_tap_in_namespace(sockdir):
 # ---------------------------------------------------------------------------------------
 # the real back-end: ring life cycle
 
-def test_resume_on_a_fresh_backend(sockdir):
+def test_resume_on_a_fresh_backend(sockdir, ring_kind):
     """GET_VRING_BASE after traffic, frames queued while no back-end runs, then
-    SET_VRING_BASE into a new back-end process: every frame exactly once, in order."""
+    SET_VRING_BASE into a new back-end process: every frame exactly once, in order
+    (packed: 3000 chains on a 256-slot ring, so both wrap counters went round)."""
     first, gap, second = 3000, 100, 3000
-    fe = VhostUserFrontend(name="migrate")
+    fe = VhostUserFrontend(name="migrate", **ring_kwargs(ring_kind))
     try:
         with backend(sockdir, "--loopback", name="old") as old:
             fe.connect(old.path, timeout=30)
             fe.start()
             run_pumps([Pump(fe, 0, first)])
             bases = fe.stop()
-            assert bases == {0: first, 1: first}
+            assert bases == bases_after(fe, first)
             # the guest keeps queueing while it has no back-end
             assert fe.send_array(0, make_frames(first, gap, 60)) == gap
             fe.disconnect()
@@ -732,24 +751,26 @@ def test_resume_on_a_fresh_backend(sockdir):
             pump = Pump(fe, 0, gap + second, seq0=first, lengths=(60,) * 1)
             pump.sent = gap                           # already in the ring
             run_pumps([pump])
-            assert fe.stop() == {0: first + gap + second, 1: first + gap + second}
+            assert fe.stop() == bases_after(fe, first + gap + second)
             assert not fe.queue(0).queue.broken and not fe.queue(1).queue.broken
     finally:
         fe.close()
 
 
-def test_guest_reboot(sockdir):
+def test_guest_reboot(sockdir, ring_kind):
     """Stop the rings, set them up again from index 0: traffic works, the indices
     count from 0 again."""
-    with backend(sockdir, "--loopback") as be, frontend(be, name="reboot") as fe:
+    with backend(sockdir, "--loopback") as be, \
+            frontend(be, name="reboot", **ring_kwargs(ring_kind)) as fe:
         run_pumps([Pump(fe, 0, 1000)])
-        assert fe.reboot() == {0: 1000, 1: 1000}
-        assert fe.queue(1).queue.next_avail == 0
-        assert fe.queue(0).queue.next_avail == fe.queue_size     # every RX buffer posted
+        assert fe.reboot() == bases_after(fe, 1000)
+        assert fe.queue(1).queue.next_avail == bases_after(fe, 0)[1] & 0xFFFF
+        # every RX buffer posted: a full lap
+        assert fe.queue(0).queue.next_avail == bases_after(fe, fe.queue_size)[0] & 0xFFFF
         run_pumps([Pump(fe, 0, 700, seq0=1000)])
-        assert fe.reboot() == {0: 700, 1: 700}
+        assert fe.reboot() == bases_after(fe, 700)
         run_pumps([Pump(fe, 0, 300, seq0=1700)])
-        assert fe.stop() == {0: 300, 1: 300}
+        assert fe.stop() == bases_after(fe, 300)
 
 
 def test_no_fd_left_behind(sockdir):
@@ -834,13 +855,13 @@ def forward_and_check(a: VhostUserFrontend, b: VhostUserFrontend, count: int,
         assert time.monotonic() - last < STALL, f"stalled at {received}/{sent}"
 
 
-def test_forwarder_moves_frames_without_copying(sockdir):
+def test_forwarder_moves_frames_without_copying(sockdir, ring_kind):
     """A's TX -> loopback -> A's RX -> forwarder -> B's TX -> loopback -> B's RX: every
     frame arrives; every chain posted on B's TX is made of A's RX buffers (their
     addresses, as they are), every one of A's RX buffers took part, and B's own TX
     buffers were never written."""
     count = 20000
-    with two_ports(sockdir) as (a, b, shm):
+    with two_ports(sockdir, **ring_kwargs(ring_kind)) as (a, b, shm):
         a_rx, b_tx = a.queue(0), b.queue(1)
         with spy_on(b_tx) as spy:
             fwd = Forwarder(a, b)
@@ -869,11 +890,11 @@ def test_forwarder_moves_frames_without_copying(sockdir):
 MRG_LENGTHS = (9000, 60000)
 
 
-def test_forwarder_merged_frames(sockdir):
+def test_forwarder_merged_frames(sockdir, ring_kind):
     """Frames spread over several RX buffers (MRG_RXBUF) cross as one multi-segment TX
     chain each, made of those buffers."""
     count = 400
-    with two_ports(sockdir, "--mtu", "9000") as (a, b, shm):
+    with two_ports(sockdir, "--mtu", "9000", **ring_kwargs(ring_kind)) as (a, b, shm):
         a_rx, b_tx = a.queue(0), b.queue(1)
         with spy_on(b_tx) as spy:
             with Forwarder(a, b) as fwd:

@@ -23,7 +23,8 @@ from pyvirtio.vhost_user.backend import VHOST_USER_NET_FEATURES
 from pyvirtio.vhost_user.messages import (HEADER, MAX_BODY, VERSION, VRING_NOFD_MASK,
                                           ConfigSpace, MemRegion, MemTable, Request,
                                           SingleMemRegion, U64, VringAddr, VringState)
-from vhost_user_peer import STARTUP, GPA_BASE, GuestRam, Peer, serving, start_net, wait_for
+from vhost_user_peer import (STARTUP, GPA_BASE, GuestRam, Peer, ring_features, serving,
+                             start_net, wait_for)
 
 REPLY_ACK = [pytest.param(True, id="reply-ack"), pytest.param(False, id="no-reply-ack")]
 
@@ -63,11 +64,13 @@ def _all_closed(read_fd: int, timeout: float = 5.0) -> bool:
     return os.read(read_fd, 1) == b""
 
 
-def _open(s, reply_ack: bool, *, features: bool = False, memory: GuestRam | None = None
-          ) -> Peer:
-    """A connection, with REPLY_ACK negotiated or no protocol features at all."""
+def _open(s, reply_ack: bool, *, features: bool = False, memory: GuestRam | None = None,
+          packed: bool = False) -> Peer:
+    """A connection, with REPLY_ACK negotiated or no protocol features at all
+    (``features``: SET_FEATURES of every offered bit, VIRTIO_F_RING_PACKED only with
+    ``packed``)."""
     p = s.connect()
-    offered = p.get_features()
+    offered = ring_features(p.get_features(), packed)
     if reply_ack:
         p.negotiate_protocol()
     if features:
@@ -392,6 +395,129 @@ def _cycle(i: int, path: str, ram: GuestRam) -> None:
             p.send_raw(HEADER.pack(Request.SET_CONFIG, VERSION, MAX_BODY * 4))
     finally:
         p.close()
+
+
+# ---- packed rings: SET_VRING_BASE and friends ----------------------------------------------
+
+PACKED_BAD_BASES = [
+    pytest.param(0x8000 | 256, id="avail-slot-at-size"),
+    pytest.param(0x7FFF, id="avail-slot-max"),
+    pytest.param((0x8000 | 256) << 16 | 0x8000, id="used-slot-at-size"),
+    pytest.param((0x8000 | 10) << 16 | 0x8000 | 5, id="used-ahead-of-avail"),
+    pytest.param(4 << 16 | 0x8000 | 5, id="used-more-than-a-lap-behind"),
+    pytest.param(0xFFFFFFFF, id="all-ones"),
+]
+
+
+@pytest.mark.parametrize("reply_ack", REPLY_ACK)
+@pytest.mark.parametrize("base", PACKED_BAD_BASES)
+def test_packed_set_vring_base_out_of_range(backend, caplog, ram, base, reply_ack):
+    """A packed ring of 256: a slot (avail, bits 0-14, or used, bits 16-30) not below
+    the size, or a used position ahead of the avail one or more than a lap behind it,
+    is refused; the ring keeps the base it had."""
+    p = _open(backend, reply_ack, features=True, memory=ram, packed=True)
+    p.vring_num(0, 256)
+    p.vring_base(0, 0x80008000)
+    p.send(Request.SET_VRING_BASE, VringState(0, base).pack(), need_reply=reply_ack)
+    _refused(backend, caplog, p, Request.SET_VRING_BASE, reply_ack)
+    assert backend.backend.rings[0].base == 0     # a new connection: reset
+
+
+def test_packed_set_vring_base_values_accepted(backend, ram):
+    """What QEMU and DPDK send: a fresh ring (0x80008000), a position with the used half
+    behind the avail one (chains in flight), the used half zero (DPDK's 16-bit
+    format); and the bases are checked again when the ring starts (SET_VRING_NUM may
+    come after SET_VRING_BASE)."""
+    p = _open(backend, True, features=True, memory=ram, packed=True)
+    try:
+        for base in (0x80008000, 0x0003_0005, (0x8000 | 250) << 16 | 4, 0x8000 | 17, 0,
+                     5 << 16 | 0x8000 | 5):         # the last: a whole lap in flight
+            assert p.vring_base(0, base, check=False) == 0, hex(base)
+        assert p.vring_base(1, 0x8000 | 300) == 0        # no size yet: 32768 the limit
+        p.vring_num(1, 256)
+        p.vring_addr(1, ram.uva, ram.uva + 4096, ram.uva + 4100)
+        r, w = os.pipe()
+        try:
+            efd = os.eventfd(0)
+            assert p.call(Request.SET_VRING_KICK, U64(1).pack(), [efd], check=False) != 0
+            os.close(efd)
+        finally:
+            os.close(r)
+            os.close(w)
+        assert not backend.backend.rings[1].started
+        assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+    finally:
+        p.close()
+
+
+def test_split_set_vring_base_reserved_bits(backend, caplog, ram):
+    """A split ring's base has 16 bits: anything in bits 16-31 is refused."""
+    p = _open(backend, True, features=True, memory=ram)
+    p.send(Request.SET_VRING_BASE, VringState(0, 0x80008000).pack(), need_reply=True)
+    _refused(backend, caplog, p, Request.SET_VRING_BASE, True)
+
+
+def test_packed_ring_size_and_layout_checks(backend, caplog, ram):
+    """Packed: any size 1..32768 (not only powers of two); the avail/used fields of
+    SET_VRING_ADDR are 4-byte event areas, and the descriptor ring must fit."""
+    p = _open(backend, True, features=True, memory=ram, packed=True)
+    try:
+        assert p.vring_num(0, 100) == 0
+        assert p.vring_num(0, 32769, check=False) != 0
+        assert p.vring_num(0, 0, check=False) != 0
+        # event areas right at the end of the region: they fit (4 bytes each)
+        assert p.vring_addr(0, ram.uva, ram.uva + ram.size - 8, ram.uva + ram.size - 4) == 0
+        # the descriptor ring (16 bytes a slot) does not fit at the end
+        assert p.vring_addr(0, ram.uva + ram.size - 1024, ram.uva, ram.uva + 4,
+                            check=False) != 0
+    finally:
+        p.close()
+    caplog.clear()
+    p = _open(backend, True, features=True, memory=ram)      # split: a power of two
+    p.send(Request.SET_VRING_NUM, VringState(0, 100).pack(), need_reply=True)
+    _refused(backend, caplog, p, Request.SET_VRING_NUM, True)
+
+
+def test_ring_layout_cannot_change_while_running(backend, caplog, tmp_path):
+    """SET_FEATURES that turns VIRTIO_F_RING_PACKED on or off while a ring runs is
+    refused (the ring would be read with the wrong layout); the rings go on."""
+    ram = GuestRam(8 << 20, name="vu-hostile-layout")
+    try:
+        with backend.connect() as p:
+            g = start_net(p, ram, packed=True)
+            assert all(r.started for r in backend.backend.rings)
+            p.send(Request.SET_FEATURES, U64(ring_features(g.features, False)).pack(),
+                   need_reply=True)
+            _refused(backend, caplog, p, Request.SET_FEATURES, True)
+            g.close()
+    finally:
+        ram.close()
+
+
+def test_packed_in_flight_base_that_lies(tmp_path, caplog):
+    """SET_VRING_BASE says chains are in flight (used half behind the avail half) but
+    the descriptor at the used slot is not available: the ring resumes from the avail
+    position (logged), and frames flow."""
+    ram = GuestRam(8 << 20, name="vu-hostile-inflight")
+    try:
+        with serving(tmp_path, "loopback") as s, s.connect() as p:
+            g = start_net(p, ram, packed=True)
+            for i in range(3):
+                g.driver.send(0, [bytes(60)])
+                assert g.driver.wait_tx_done(0)
+            bases = g.stop()
+            assert bases[1] == (0x8000 | 3) << 16 | 0x8000 | 3
+            lie = (0x8000 | 1) << 16 | 0x8000 | 3        # "2 chains in flight"
+            g.enable(True)
+            g.setup_ring(1, base=lie)
+            g.setup_ring(0, base=bases[0])
+            assert "not available: resuming from the avail position" in caplog.text
+            assert s.backend.device.queues[1].next_avail == 0x8000 | 3
+            assert g.driver.send(0, [b"\x02" * 60]) == 1
+            assert g.driver.wait_tx_done(0)
+            g.close()
+    finally:
+        ram.close()
 
 
 def test_backend_fds_equal_before_and_after_1000_connections(tmp_path, ram):

@@ -41,7 +41,8 @@ from pyvirtio.vhost_user.connection import Connection
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, HEADER,
                                           VERSION, VRING_NOFD_MASK, ConfigSpace, MemRegion,
                                           MemTable, Message, ProtocolFeature, Request,
-                                          SingleMemRegion, U64, VringAddr, VringState)
+                                          SingleMemRegion, U64, VringAddr, VringState,
+                                          encode_vring_base)
 from pyvirtio.vhost_user.server import VhostUserServer
 
 #: seconds a new ``pyvirtio net`` process may take to start: importing vqcore from an
@@ -269,19 +270,36 @@ class Guest:
     driver: NetDriver
     features: int
 
-    def addresses(self, index: int) -> tuple[int, int, int]:
-        """User addresses (desc, avail, used) of ring ``index``."""
-        a = self.driver.ring_addresses(index)
-        return self.ram.uva_of(a.desc), self.ram.uva_of(a.avail), self.ram.uva_of(a.used)
+    @property
+    def packed(self) -> bool:
+        return bool(self.features & vqcore.VIRTIO_F_RING_PACKED)
 
-    def setup_ring(self, index: int, *, base: int = 0, kick: bool = True,
+    def addresses(self, index: int) -> tuple[int, int, int]:
+        """User addresses (desc, avail, used) of ring ``index`` (packed: desc, driver
+        event area, device event area, as SET_VRING_ADDR carries them)."""
+        desc, drv, dev = self.driver.ring_addresses(index)[:3]
+        return self.ram.uva_of(desc), self.ram.uva_of(drv), self.ram.uva_of(dev)
+
+    def base(self, chains: int, index: int = 0) -> int:
+        """What GET_VRING_BASE answers for ring ``index`` after ``chains`` chains of one
+        descriptor each went through it with none in flight (see :func:`ring_base`)."""
+        return ring_base(self.packed, self.driver._queue(index).queue.size, chains)
+
+    def fresh_base(self, index: int) -> int:
+        """SET_VRING_BASE of ring ``index`` as its driver queue stands (a fresh ring:
+        0 split, 0x80008000 packed, as QEMU sends it)."""
+        q = self.driver._queue(index).queue
+        return encode_vring_base(q.next_avail, q.last_used, packed=self.packed)
+
+    def setup_ring(self, index: int, *, base: int | None = None, kick: bool = True,
                    poll: bool = False) -> None:
         """SET_VRING_NUM/BASE/ADDR/CALL and (``kick``) SET_VRING_KICK for ring
-        ``index`` (``poll``: the no-fd flag instead of the kick eventfd)."""
+        ``index`` (``poll``: the no-fd flag instead of the kick eventfd; ``base``:
+        default :meth:`fresh_base`)."""
         p = self.peer
         dq = self.driver._queue(index)
         p.vring_num(index, dq.queue.size)
-        p.vring_base(index, base)
+        p.vring_base(index, self.fresh_base(index) if base is None else base)
         p.vring_addr(index, *self.addresses(index))
         p.vring_fd(Request.SET_VRING_CALL, index, dq.call_fd)
         if kick:
@@ -307,6 +325,24 @@ class Guest:
         gc.collect()
 
 
+def ring_features(offered: int, packed: bool) -> int:
+    """``offered`` with VIRTIO_F_RING_PACKED only when ``packed``."""
+    offered &= ~vqcore.VIRTIO_F_RING_PACKED
+    return offered | (vqcore.VIRTIO_F_RING_PACKED if packed else 0)
+
+
+def ring_base(packed: bool, size: int, chains: int) -> int:
+    """SET/GET_VRING_BASE's value for a ring of ``size`` that ``chains`` one-descriptor
+    chains went through, none in flight: split, the 16-bit index; packed, the slot and
+    wrap counter (1 at the start, flipped each lap) in bits 0-15 and, the same, in
+    bits 16-31."""
+    if not packed:
+        return chains & 0xFFFF
+    laps, slot = divmod(chains, size)
+    pos = slot | (1 ^ (laps & 1)) << 15
+    return pos | pos << 16
+
+
 def new_driver(ram: GuestRam, features: int, *, pairs: int = 1, queue_size: int = 256,
                base_offset: int = 0) -> NetDriver:
     """A NetDriver laid out in ``ram`` (from ``base_offset``) with fresh eventfds."""
@@ -322,13 +358,15 @@ def new_driver(ram: GuestRam, features: int, *, pairs: int = 1, queue_size: int 
 
 def start_net(peer: Peer, ram: GuestRam, *, pairs: int = 1, queue_size: int = 256,
               features: int | None = None, protocol: int = ALL_PROTOCOL,
-              enable: bool = True, post_rx: bool = True, memory: str = "table") -> Guest:
+              enable: bool = True, post_rx: bool = True, memory: str = "table",
+              packed: bool = False) -> Guest:
     """QEMU's sequence: features, protocol features, owner, features set, memory
     (``memory``: "table" for SET_MEM_TABLE, "add" for ADD_MEM_REG), per ring
     NUM/BASE/ADDR/CALL/KICK, then SET_VRING_ENABLE(1) (``enable``) and RX buffers
-    posted (``post_rx``)."""
+    posted (``post_rx``). ``features`` default: all the back-end offers, with
+    VIRTIO_F_RING_PACKED only when ``packed`` (QEMU's packed=on)."""
     offered = peer.get_features()
-    want = offered if features is None else features & offered
+    want = (ring_features(offered, packed) if features is None else features) & offered
     if want & F_PROTOCOL_FEATURES:
         peer.negotiate_protocol(protocol)
     peer.call(Request.SET_OWNER)

@@ -121,13 +121,19 @@ def _net(args: argparse.Namespace) -> int:
         if server is not None:
             server.shutdown()
 
+    def on_usr1(signum: int, _frame: object) -> None:
+        if state.get("backend") is not None:
+            state["backend"].log_pair_stats("SIGUSR1")     # type: ignore[attr-defined]
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
     packet = backend = server = None
     try:
         packet = _open_packet_end(args)
         backend = VhostUserNetBackend(packet, queues=args.queues, mac=args.mac,
                                       mtu=args.mtu if args.mtu is not None else 1500,
-                                      poll=args.poll)
+                                      poll=args.poll, packed=not args.no_packed)
+        state["backend"] = backend
         server = VhostUserServer(backend, socket_path=args.socket_path, fd=args.fd,
                                  message_timeout=args.message_timeout)
         state["server"] = server
@@ -164,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "net", help="run a vhost-user-net back-end",
         description="A vhost-user-net back-end (QEMU docs/interop/vhost-user.rst, "
                     "backend program conventions). It serves one front-end at a time and "
-                    "listens again when it disconnects; SIGINT/SIGTERM end it cleanly.")
+                    "listens again when it disconnects; SIGINT/SIGTERM end it cleanly, "
+                    "SIGUSR1 logs each queue pair's counters (also logged when a "
+                    "front-end disconnects).")
     n.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="debug logging")
     where = n.add_mutually_exclusive_group()
@@ -185,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the MTU given to the guest (and set on the TAP); default 1500")
     n.add_argument("--poll", action="store_true",
                    help="busy-poll the rings (one core per queue pair)")
+    n.add_argument("--no-packed", action="store_true",
+                   help="do not offer VIRTIO_F_RING_PACKED (packed rings are offered by "
+                        "default; the guest still chooses)")
     n.add_argument("--message-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="time a front-end may take to finish a message (default 5)")
     n.set_defaults(func=_net, check=_check_net, parser=n)

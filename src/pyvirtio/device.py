@@ -9,8 +9,9 @@ Life cycle (section 3.1.1): the driver sets ACKNOWLEDGE and DRIVER, writes the f
 it accepts, sets FEATURES_OK — the device then negotiates (offered ∩ accepted, every
 dependency rule of the device and of the transport) and refuses FEATURES_OK when that
 fails —, configures and enables its queues, and sets DRIVER_OK: the device then creates
-one :class:`vqcore.SplitDeviceQueue` per enabled queue over :attr:`~VirtioDevice.memory`,
-with ``event_idx`` from the negotiated features. Writing 0 resets everything.
+one :class:`vqcore.DeviceQueue` per enabled queue over :attr:`~VirtioDevice.memory` with
+:func:`vqcore.device_queue`: packed with VIRTIO_F_RING_PACKED negotiated, else split,
+with ``event_idx`` from VIRTIO_F_EVENT_IDX. Writing 0 resets everything.
 
 A device that cannot continue (a guest broke a ring, a queue address does not map) calls
 :meth:`~VirtioDevice.needs_reset`: DEVICE_NEEDS_RESET is set, the reason logged once and
@@ -42,13 +43,13 @@ log = logging.getLogger(__name__)
 #: IN_ORDER, ... stand alone); a rule added here applies to every device.
 TRANSPORT_DEPENDENCIES: dict[enum.IntFlag, tuple[enum.IntFlag, ...]] = {}
 
-#: transport bits a device built on vqcore may offer (split rings only, no packed
-#: ring, no notification data, no ring reset yet)
+#: transport bits a device built on vqcore may offer (split and packed rings; no
+#: notification data, no ring reset yet)
 SUPPORTED_TRANSPORT = (Transport.NOTIFY_ON_EMPTY | Transport.ANY_LAYOUT
                        | Transport.INDIRECT_DESC | Transport.EVENT_IDX
                        | Transport.PROTOCOL_FEATURES | Transport.VERSION_1
-                       | Transport.ACCESS_PLATFORM | Transport.IN_ORDER
-                       | Transport.ORDER_PLATFORM)
+                       | Transport.ACCESS_PLATFORM | Transport.RING_PACKED
+                       | Transport.IN_ORDER | Transport.ORDER_PLATFORM)
 
 #: every bit of section 6 (transport bits are 24..40 and 50..)
 _TRANSPORT_MASK = sum(int(t) for t in Transport)
@@ -134,7 +135,7 @@ class VirtioDevice:
         #: guest memory the queues live in (set by the transport)
         self.memory: vqcore.GuestMemory | None = None
         self.queue_configs = [QueueConfig(i, queue_size, queue_size) for i in range(num_queues)]
-        self.queues: list[vqcore.SplitDeviceQueue | None] = [None] * num_queues
+        self.queues: list[vqcore.DeviceQueue | None] = [None] * num_queues
         self._needs_reset_reason: str | None = None
 
     # ---- status ------------------------------------------------------------------------
@@ -338,15 +339,17 @@ class VirtioDevice:
                         enabled: bool | None = None) -> QueueConfig:
         """The driver sets fields of queue ``index``; each ``None`` keeps its value.
 
-        Raises :class:`~vqcore.errors.LayoutError` for a size that is not a power of two
-        up to the queue's maximum, :class:`~pyvirtio.status.DeviceStateError` once the
-        queue runs (after DRIVER_OK it must be reset first).
+        Raises :class:`~vqcore.errors.LayoutError` for a size above the queue's maximum
+        or one the ring layout does not allow (a split ring's size is a power of two; a
+        packed ring's, once VIRTIO_F_RING_PACKED was negotiated, any number from 1),
+        :class:`~pyvirtio.status.DeviceStateError` once the queue runs (after DRIVER_OK
+        it must be reset first).
         """
         qc = self.queue_config(index)
         if self.queues[index] is not None:
             raise DeviceStateError(f"{self.name}: queue {index} is running; reset first")
         if size is not None:
-            vqcore.check_queue_size(size)
+            self.check_ring_size(size)
             if size > qc.max_size:
                 raise LayoutError(f"{self.name}: queue {index} size {size} exceeds its "
                                   f"maximum {qc.max_size}")
@@ -365,12 +368,25 @@ class VirtioDevice:
             qc.enabled = bool(enabled)
         return qc
 
-    def queue(self, index: int) -> vqcore.SplitDeviceQueue | None:
+    def check_ring_size(self, size: int) -> None:
+        """Raise :class:`~vqcore.errors.LayoutError` unless ``size`` suits the ring
+        layout of the negotiated features (packed: 1..32768; split: a power of two)."""
+        if self._negotiated & Transport.RING_PACKED:
+            vqcore.packed_layout(size)
+        else:
+            vqcore.check_queue_size(size)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the queues are packed rings (VIRTIO_F_RING_PACKED negotiated)."""
+        return bool(self._negotiated & Transport.RING_PACKED)
+
+    def queue(self, index: int) -> vqcore.DeviceQueue | None:
         """The running queue ``index``, or None."""
         self.queue_config(index)
         return self.queues[index]
 
-    def activate_queue(self, index: int) -> vqcore.SplitDeviceQueue:
+    def activate_queue(self, index: int) -> vqcore.DeviceQueue:
         """Create queue ``index`` from its configuration over :attr:`memory` now.
 
         DRIVER_OK calls this for every enabled queue; a transport that starts queues one
@@ -384,10 +400,8 @@ class VirtioDevice:
             return self.queues[index]
         if self.memory is None:
             raise DeviceStateError(f"{self.name}: queue {index} started without guest memory")
-        queue = vqcore.SplitDeviceQueue(
-            self.memory, qc.size, qc.desc, qc.avail, qc.used,
-            event_idx=bool(self._negotiated & Transport.EVENT_IDX),
-            name=f"{self.name}.q{index}")
+        queue = vqcore.device_queue(self.memory, qc.size, qc.desc, qc.avail, qc.used,
+                                    features=self._negotiated, name=f"{self.name}.q{index}")
         self.queues[index] = queue
         return queue
 

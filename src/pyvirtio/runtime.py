@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from vqcore import ChainBatch, SplitDeviceQueue
+from vqcore import ChainBatch, DeviceQueue
 from vqcore.errors import QueueBroken, RingViolation
 from vqcore.net import NetRxFilter, NetStats, rx_burst, tx_burst
 
@@ -47,8 +47,8 @@ def drain_eventfd(fd: int) -> int:
 class QueuePairConfig:
     """What a worker needs for one queue pair."""
     index: int
-    rx: SplitDeviceQueue | None          # None: that ring is not running
-    tx: SplitDeviceQueue | None
+    rx: DeviceQueue | None               # split or packed; None: not running
+    tx: DeviceQueue | None
     fd: int                              # packet fd (TAP queue fd), non-blocking
     rx_kick: int                         # eventfds (the guest's kicks / our interrupts)
     tx_kick: int

@@ -231,7 +231,7 @@ class ControlQueue:
             chain does not fit ``batch`` (:class:`~vqcore.errors.BatchTooSmall`).
     """
 
-    def __init__(self, queue: vqcore.SplitDeviceQueue, target: NetControlTarget, *,
+    def __init__(self, queue: vqcore.DeviceQueue, target: NetControlTarget, *,
                  batch: vqcore.ChainBatch | None = None,
                  on_error: Callable[[QueueError], None] | None = None) -> None:
         self.queue = queue

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 import vqcore
-from vqcore import ChainBatch, GuestMemory, SplitDriverQueue, split_addresses
+from vqcore import ChainBatch, GuestMemory
 
 from pyvirtio.features import NetFeature, Transport
 from pyvirtio.net.header import HDR_LEN
@@ -43,7 +43,7 @@ class NetDriverError(vqcore.VirtioError, RuntimeError):
 class DriverQueue:
     """One driver-side queue with its buffer slots."""
     index: int
-    queue: SplitDriverQueue
+    queue: vqcore.DriverQueue       # split or packed, as the features say
     buf_addr: int                 # guest address of slot 0
     slot_size: int
     slots: int
@@ -96,7 +96,9 @@ class NetDriver:
         rx_buffer: size of each RX buffer (header included). Default: 1536 with
             MRG_RXBUF, else 65562 when guest GSO offloads are negotiated, else 1536.
         tx_buffer: size of each TX slot (default 65562: a whole GSO frame).
-        event_idx: use VIRTIO_F_EVENT_IDX when the device offers it.
+
+    The rings are split or packed, with or without the event index, as the features
+    given to :meth:`setup` (or negotiated by :meth:`attach`) say.
     """
 
     def __init__(self, memory: GuestMemory, *, pairs: int = 1, queue_size: int = 256,
@@ -121,10 +123,18 @@ class NetDriver:
     def mrg_rxbuf(self) -> bool:
         return bool(self.features & NetFeature.MRG_RXBUF)
 
-    def ring_addresses(self, index: int) -> vqcore.SplitAddresses:
-        """Where queue ``index``'s rings are (after :meth:`setup`)."""
-        q = self._queue(index)
-        return vqcore.SplitAddresses(q.queue.desc_addr, q.queue.avail_addr, q.queue.used_addr, 0)
+    @property
+    def packed(self) -> bool:
+        """Whether the rings are packed (VIRTIO_F_RING_PACKED in the features)."""
+        return bool(self.features & Transport.RING_PACKED)
+
+    def ring_addresses(self, index: int) -> vqcore.SplitAddresses | vqcore.PackedAddresses:
+        """Where queue ``index``'s ring is (after :meth:`setup`): a
+        :class:`~vqcore.SplitAddresses` (desc, avail, used, end) or a
+        :class:`~vqcore.PackedAddresses` (desc, driver, device, end); either way the
+        first three are the descriptor area, driver area and device area."""
+        q = self._queue(index).queue
+        return vqcore.ring_addresses(q.desc_addr, q.size, self.features)
 
     def _queue(self, index: int) -> DriverQueue:
         if self.has_ctrl and index == 2 * self.pairs:
@@ -135,7 +145,6 @@ class NetDriver:
     def setup(self, features: int) -> None:
         """Lay out the rings and buffers for the negotiated ``features``."""
         self.features = int(features)
-        event_idx = bool(features & Transport.EVENT_IDX)
         if self.rx_buffer is None:
             gso = features & (NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_UFO
                               | NetFeature.GUEST_USO4 | NetFeature.GUEST_USO6)
@@ -144,18 +153,22 @@ class NetDriver:
         for p in range(self.pairs):
             for kind, slot in (("rx", self.rx_buffer), ("tx", self.tx_buffer)):
                 index = 2 * p + (kind == "tx")
-                ring = split_addresses(self.alloc.take(split_addresses(0, n).end, RING_ALIGN), n)
-                q = SplitDriverQueue(self.memory, n, ring.desc, ring.avail, ring.used,
-                                     event_idx=event_idx, name=f"guest-{kind}{p}")
+                q = self._new_queue(n, f"guest-{kind}{p}")
                 buf = self.alloc.take(n * slot, 4096)
                 dq = DriverQueue(index, q, buf, slot, n, free=list(range(n)))
                 (self.rx if kind == "rx" else self.tx).append(dq)
         if self.has_ctrl:
-            ring = split_addresses(self.alloc.take(split_addresses(0, 64).end, RING_ALIGN), 64)
-            q = SplitDriverQueue(self.memory, 64, ring.desc, ring.avail, ring.used,
-                                 event_idx=event_idx, name="guest-ctrl")
+            q = self._new_queue(64, "guest-ctrl")
             self.ctrlq = DriverQueue(2 * self.pairs, q, self.alloc.take(64 * 4096, 4096), 4096, 64,
                                      free=list(range(64)))
+
+    def _new_queue(self, size: int, name: str) -> vqcore.DriverQueue:
+        """A driver queue of ``size`` laid out at the next aligned address, split or
+        packed (and with or without the event index) as :attr:`features` say."""
+        f = self.features
+        ring = vqcore.ring_addresses(
+            self.alloc.take(vqcore.ring_addresses(0, size, f).end, RING_ALIGN), size, f)
+        return vqcore.driver_queue(self.memory, size, *ring[:3], features=f, name=name)
 
     def all_queues(self) -> list[DriverQueue]:
         """Every queue in the spec's order (rx0, tx0, rx1, tx1, ..., ctrl)."""
@@ -183,9 +196,9 @@ class NetDriver:
         self.setup(device.negotiated_features)
         device.memory = self.memory
         for dq in self.all_queues():
-            a = self.ring_addresses(dq.index)
-            device.configure_queue(dq.index, size=dq.queue.size, desc=a.desc, avail=a.avail,
-                                   used=a.used, enabled=True)
+            desc, driver_area, device_area = self.ring_addresses(dq.index)[:3]
+            device.configure_queue(dq.index, size=dq.queue.size, desc=desc,
+                                   avail=driver_area, used=device_area, enabled=True)
             dq.kick_fd = device.kick_fds[dq.index]
             dq.call_fd = device.call_fds[dq.index]
         st = device.write_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)

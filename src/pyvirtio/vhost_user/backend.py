@@ -25,9 +25,23 @@ Ring life cycle, as the protocol defines it:
   memory agrees; otherwise (chains were in flight when the previous owner stopped) it
   resumes from the used index, as libvhost-user and DPDK do: frames are processed in
   order, so nothing is lost;
+* packed rings (VIRTIO_F_RING_PACKED, offered by default): SET_VRING_ADDR's avail and
+  used fields are the driver and device event areas; SET/GET_VRING_BASE carry the
+  avail slot and wrap counter in bits 0-15 and the used ones in bits 16-31, as QEMU
+  does (:func:`~pyvirtio.vhost_user.messages.decode_vring_base`). A used position
+  behind the avail one (chains in flight) is where the ring resumes, if the descriptor
+  there is still available; a front-end that sends bits 16-31 zero (DPDK's format)
+  resumes with the used position equal to the avail one;
 * a new memory table (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) is swapped in with every
   worker stopped: the running rings are rebuilt over the new mapping with their indices,
-  then the old mapping is released.
+  then the old mapping is released. QEMU before 8.0 sends ADD_MEM_REG and REM_MEM_REG
+  once per queue pair (each pair is a vhost device of its own on the one connection):
+  an ADD_MEM_REG identical to a mapped region (gpa, size, user address, mmap offset) is
+  acknowledged and its fd closed, a REM_MEM_REG of a region no longer mapped is
+  acknowledged; both logged at debug level.
+
+The per-pair counters (:meth:`VhostUserNetBackend.pair_stats`) are logged when a
+front-end disconnects (:meth:`VhostUserNetBackend.log_pair_stats`).
 
 Ring addresses (SET_VRING_ADDR) are the front-end's user addresses, translated through
 each region's ``userspace_addr``; descriptor addresses are guest-physical.
@@ -62,11 +76,12 @@ from pyvirtio.net.header import HDR_LEN
 from pyvirtio.status import DeviceStatus
 from pyvirtio.vhost_user.connection import Connection, PeerClosed, close_fds
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, MAX_MEM_SLOTS,
-                                          MAX_QUEUE_SIZE, REQUEST_BODY, REQUEST_FDS,
-                                          VRING_IDX_MASK, VRING_NOFD_MASK, ConfigSpace,
-                                          MemRegion, MemTable, Message, ProtocolError,
-                                          ProtocolFeature, Request, SingleMemRegion, U64,
-                                          VhostUserError, VringAddr, VringState)
+                                          MAX_QUEUE_SIZE, PACKED_SLOT_MASK, REQUEST_BODY,
+                                          REQUEST_FDS, VRING_IDX_MASK, VRING_NOFD_MASK, ConfigSpace, MemRegion, MemTable,
+                                          Message, ProtocolError, ProtocolFeature, Request,
+                                          SingleMemRegion, U64, VhostUserError, VringAddr,
+                                          VringState, decode_vring_base, encode_vring_base,
+                                          packed_ring_distance)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +89,7 @@ N = NetFeature
 #: virtio features offered by default (VIRTIO_NET_F_MQ is added with more than one pair)
 VHOST_USER_NET_FEATURES = (
     Transport.VERSION_1 | Transport.EVENT_IDX | Transport.INDIRECT_DESC
-    | Transport.PROTOCOL_FEATURES
+    | Transport.PROTOCOL_FEATURES | Transport.RING_PACKED
     | N.MRG_RXBUF | N.CSUM | N.GUEST_CSUM | N.MTU
     | N.HOST_TSO4 | N.HOST_TSO6 | N.HOST_ECN | N.HOST_UFO
     | N.GUEST_TSO4 | N.GUEST_TSO6 | N.GUEST_ECN | N.GUEST_UFO)
@@ -104,6 +119,13 @@ MTU_MIN, MTU_MAX = 68, 65535
 EXPLICIT_REPLY = frozenset({Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES,
                             Request.GET_VRING_BASE, Request.GET_QUEUE_NUM, Request.GET_CONFIG,
                             Request.GET_MAX_MEM_SLOTS, Request.GET_STATUS})
+
+#: features whose change would re-lay out a running ring
+RING_LAYOUT_FEATURES = int(Transport.RING_PACKED | Transport.EVENT_IDX)
+
+#: packed descriptor flags (VIRTQ_DESC_F_AVAIL / VIRTQ_DESC_F_USED)
+_DESC_F_AVAIL = 1 << 7
+_DESC_F_USED = 1 << 15
 
 #: SET_CONFIG flags (VHOST_SET_CONFIG_TYPE_*)
 CONFIG_TYPE_FRONTEND = 0
@@ -172,7 +194,7 @@ class RingState:
     index: int
     num: int | None = None            # SET_VRING_NUM
     addr: VringAddr | None = None     # SET_VRING_ADDR (user addresses)
-    base: int = 0                     # SET_VRING_BASE / index at the last stop
+    base: int = 0                     # SET_VRING_BASE's num / the base at the last stop
     enable: bool | None = None        # SET_VRING_ENABLE (None: never sent)
     started: bool = False             # between SET_VRING_KICK and GET_VRING_BASE
     poll: bool = False                # started without a kick fd: the worker polls
@@ -190,6 +212,11 @@ class MappedRegion:
         r = self.region
         return (r.guest_phys_addr == other.guest_phys_addr and r.memory_size == other.memory_size
                 and r.userspace_addr == other.userspace_addr)
+
+    def identical(self, other: MemRegion) -> bool:
+        """Whether ``other`` describes this very mapping (ADD_MEM_REG: gpa, size, uva
+        and mmap offset)."""
+        return self.same(other) and self.region.mmap_offset == other.mmap_offset
 
 
 class _VhostUserNetDevice(NetDevice):
@@ -216,13 +243,15 @@ class VhostUserNetBackend:
         poll: busy-poll workers.
         features: virtio features offered (default :data:`VHOST_USER_NET_FEATURES`,
             plus VIRTIO_NET_F_MQ with more than one pair).
+        packed: offer VIRTIO_F_RING_PACKED (the default); False takes it out of
+            ``features`` too.
         protocol_features: protocol features offered (default :data:`PROTOCOL_FEATURES`).
         name: for log lines.
     """
 
     def __init__(self, packet: PacketBackend, *, queues: int = 1, mac: bytes = DEFAULT_MAC,
                  mtu: int = 1500, poll: bool = False, features: int | None = None,
-                 protocol_features: int = int(PROTOCOL_FEATURES),
+                 protocol_features: int = int(PROTOCOL_FEATURES), packed: bool = True,
                  name: str = "vhost-user-net") -> None:
         if not isinstance(queues, int) or not 1 <= queues <= MAX_QUEUE_PAIRS:
             raise ValueError(f"queue pairs {queues!r} not in 1..{MAX_QUEUE_PAIRS}")
@@ -236,6 +265,8 @@ class VhostUserNetBackend:
             features = int(VHOST_USER_NET_FEATURES)
             if queues > 1:
                 features |= int(NetFeature.MQ)
+        if not packed:
+            features &= ~int(Transport.RING_PACKED)
         self.packet = packet
         self.queues = queues
         self.mac = bytes(mac)
@@ -333,6 +364,14 @@ class VhostUserNetBackend:
         dev = self.device
         return dev.pair_stats() if dev is not None else []
 
+    def log_pair_stats(self, why: str = "", level: int = logging.INFO) -> None:
+        """Log each queue pair's RX and TX counters, one line per pair
+        (``pair N stats: rx packets=.. bytes=.. ...; tx ...``)."""
+        for pair, st in enumerate(self.pair_stats()):
+            rx, tx = (" ".join(f"{k}={v}" for k, v in st[d].items()) for d in ("rx", "tx"))
+            log.log(level, "%s: pair %d stats%s: rx %s; tx %s", self.name, pair,
+                    f" ({why})" if why else "", rx, tx)
+
     # ---- the connection loop -----------------------------------------------------------------
 
     def serve(self, conn: Connection, wake_fd: int = -1) -> None:
@@ -365,6 +404,10 @@ class VhostUserNetBackend:
                                 self.name, msg.name(), exc)
                     return
         finally:
+            try:
+                self.log_pair_stats("connection ended")
+            except Exception:  # noqa: BLE001 - the reset below must run
+                log.exception("%s: cannot log the pair counters", self.name)
             self.reset()
 
     def handle(self, conn: Connection, msg: Message) -> bool:
@@ -482,12 +525,20 @@ class VhostUserNetBackend:
             raise ProtocolError(f"ring {i}: no memory table yet (SET_MEM_TABLE comes first)")
         if ring.addr is None:
             raise ProtocolError(f"ring {i}: no SET_VRING_ADDR")
-        layout = vqcore.split_layout(size if size is not None else ring.num)
+        n = size if size is not None else ring.num
         a = ring.addr
+        if self.device.packed:      # the avail/used fields name the event areas
+            lay = vqcore.packed_layout(n)
+            parts = (("descriptor ring", a.desc, lay.desc_size),
+                     ("driver event area", a.avail, lay.event_size),
+                     ("device event area", a.used, lay.event_size))
+        else:
+            layout = vqcore.split_layout(n)
+            parts = (("descriptor table", a.desc, layout.desc_size),
+                     ("available ring", a.avail, layout.avail_size),
+                     ("used ring", a.used, layout.used_size))
         out = []
-        for what, uva, length in (("descriptor table", a.desc, layout.desc_size),
-                                  ("available ring", a.avail, layout.avail_size),
-                                  ("used ring", a.used, layout.used_size)):
+        for what, uva, length in parts:
             try:
                 out.append(self.memory.uva_to_gpa(uva, length))
             except VirtioError:
@@ -507,18 +558,47 @@ class VhostUserNetBackend:
         queue = dev.activate_queue(ring.index)
         try:
             if indices is None:
-                used_idx = int.from_bytes(self.memory.read(used + 2, 2), "little")
-                start = ring.base
-                if used_idx != ring.base:
-                    log.warning("%s: ring %d: base %d but the used index is %d; resuming "
-                                "from the used index", self.name, ring.index, ring.base,
-                                used_idx)
-                    start = used_idx
-                indices = (start, start)
+                indices = self._resume_indices(ring, desc, used)
             queue.next_avail, queue.next_used = indices
         except BaseException:
             dev.deactivate_queue(ring.index)
             raise
+
+    def _resume_indices(self, ring: RingState, desc: int, used: int) -> tuple[int, int]:
+        """(next_avail, next_used) a started ring begins with: SET_VRING_BASE's, unless
+        chains were in flight when the previous owner stopped; then the first of them,
+        so that they are processed again (in order: nothing lost, nothing repeated)."""
+        i = ring.index
+        try:
+            avail, used_pos = decode_vring_base(ring.base, packed=self.device.packed,
+                                                size=ring.num)
+        except ProtocolError as exc:
+            raise ProtocolError(f"ring {i}: {exc}") from None
+        if not self.device.packed:
+            used_idx = int.from_bytes(self.memory.read(used + 2, 2), "little")
+            if used_idx != avail:
+                log.warning("%s: ring %d: base %d but the used index is %d; resuming "
+                            "from the used index", self.name, i, avail, used_idx)
+                avail = used_idx
+            return avail, avail
+        if used_pos is None or used_pos == avail:
+            return avail, avail
+        # packed, chains in flight: they are still marked available in the ring (the
+        # device writes a used element over a chain's first descriptor) unless the
+        # previous owner completed them after all
+        slot, wrap = used_pos & PACKED_SLOT_MASK, used_pos >> 15
+        flags = int.from_bytes(self.memory.read(desc + 16 * slot + 14, 2), "little")
+        available = (bool(flags & _DESC_F_AVAIL) == bool(wrap)
+                     and bool(flags & _DESC_F_USED) != bool(wrap))
+        if not available:
+            log.warning("%s: ring %d: base %#x says chains are in flight, but the "
+                        "descriptor at used slot %d is not available: resuming from the "
+                        "avail position", self.name, i, ring.base, slot)
+            return avail, avail
+        log.warning("%s: ring %d: %d slot(s) in flight at the stop (base %#x); resuming "
+                    "from the used position, slot %d wrap %d", self.name, i,
+                    packed_ring_distance(avail, used_pos, ring.num or 1), ring.base, slot, wrap)
+        return used_pos, used_pos
 
     def _start_ring(self, ring: RingState) -> None:
         """Start ``ring`` (its pair's worker is stopped; the caller resumes it)."""
@@ -538,7 +618,7 @@ class VhostUserNetBackend:
         pair = ring.index // 2
         dev.stop_pair(pair)
         queue = dev.queues[ring.index]
-        base = queue.next_avail
+        base = encode_vring_base(queue.next_avail, queue.next_used, packed=dev.packed)
         if queue.in_flight:
             log.warning("%s: ring %d stopped with %d chain(s) in flight", self.name,
                         ring.index, queue.in_flight)
@@ -549,7 +629,13 @@ class VhostUserNetBackend:
         ring.base = base
         dev.set_kick_fd(ring.index, _new_eventfd())     # the front-end's kick fd closed
         self._resume_pair(pair)
-        log.info("%s: ring %d stopped at index %d", self.name, ring.index, base)
+        if dev.packed:
+            log.info("%s: ring %d stopped at index %d (%#x: avail slot %d wrap %d, used "
+                     "slot %d wrap %d)", self.name, ring.index, base, base,
+                     base & PACKED_SLOT_MASK, (base >> 15) & 1,
+                     (base >> 16) & PACKED_SLOT_MASK, base >> 31)
+        else:
+            log.info("%s: ring %d stopped at index %d", self.name, ring.index, base)
         return base
 
     def _stop_all_rings(self) -> None:
@@ -675,6 +761,11 @@ class VhostUserNetBackend:
         if extra:
             log.info("%s: SET_FEATURES: ignoring bits not offered: %s", self.name,
                      describe(extra))
+        running = [r.index for r in self.rings if r.started]
+        changed = (value ^ self.device.negotiated_features) & RING_LAYOUT_FEATURES
+        if running and changed & self.offered_features:
+            raise ProtocolError(f"SET_FEATURES changes {describe(changed)} while ring(s) "
+                                f"{running} run: stop them first (GET_VRING_BASE)")
         negotiated = self.device.negotiate_features(value & self.offered_features)
         self._features_ok = True
         self.device.set_guest_offloads(negotiated & GUEST_OFFLOADS)
@@ -721,6 +812,13 @@ class VhostUserNetBackend:
         return U64(MAX_MEM_SLOTS).pack()
 
     def _on_add_mem_reg(self, msg: Message, body: SingleMemRegion) -> None:
+        r = body.region
+        if any(m.identical(r) for m in self.regions):
+            # QEMU < 8.0: every queue pair's vhost device adds the same region
+            log.debug("%s: ADD_MEM_REG of the region already mapped at gpa %#x size %#x "
+                      "(another queue pair's copy): acknowledged, fd closed", self.name,
+                      r.guest_phys_addr, r.memory_size)
+            return                  # handle() closes the fd
         if len(self.regions) >= MAX_MEM_SLOTS:
             raise ProtocolError(f"all {MAX_MEM_SLOTS} memory slots are in use")
         m = self._map(body.region, msg.fds[0])
@@ -735,9 +833,13 @@ class VhostUserNetBackend:
     def _on_rem_mem_reg(self, msg: Message, body: SingleMemRegion) -> None:
         found = [m for m in self.regions if m.same(body.region)]
         if not found:
+            # QEMU < 8.0: every queue pair's vhost device removes the region; the first
+            # removal took it (as the duplicate ADD_MEM_REGs were one mapping)
             r = body.region
-            raise ProtocolError(f"no memory region gpa {r.guest_phys_addr:#x} size "
-                                f"{r.memory_size:#x} uva {r.userspace_addr:#x}")
+            log.debug("%s: REM_MEM_REG of gpa %#x size %#x uva %#x, which is not mapped "
+                      "(already removed): acknowledged", self.name, r.guest_phys_addr,
+                      r.memory_size, r.userspace_addr)
+            return
         regions = [m for m in self.regions if m is not found[0]]
         self._install_memory(self._build_memory(regions), regions)
 
@@ -747,7 +849,9 @@ class VhostUserNetBackend:
         ring = self._ring(body.index)
         if ring.started:
             raise ProtocolError(f"ring {ring.index} is running: stop it before resizing")
-        vqcore.check_queue_size(body.num)
+        self.device.check_ring_size(body.num)
+        if body.num > MAX_QUEUE_SIZE:
+            raise ProtocolError(f"ring {ring.index}: size {body.num} above {MAX_QUEUE_SIZE}")
         ring.num = body.num
 
     def _on_set_vring_addr(self, msg: Message, body: VringAddr) -> None:
@@ -771,9 +875,10 @@ class VhostUserNetBackend:
         ring = self._ring(body.index)
         if ring.started:
             raise ProtocolError(f"ring {ring.index} is running: stop it before SET_VRING_BASE")
-        if body.num > 0xFFFF:
-            raise ProtocolError(f"ring {ring.index}: base {body.num} beyond the 16-bit "
-                                "ring index")
+        try:
+            decode_vring_base(body.num, packed=self.device.packed, size=ring.num)
+        except ProtocolError as exc:
+            raise ProtocolError(f"ring {ring.index}: {exc}") from None
         ring.base = body.num
 
     def _on_get_vring_base(self, msg: Message, body: VringState) -> bytes:

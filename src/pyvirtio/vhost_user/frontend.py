@@ -27,6 +27,12 @@ fds (CALL, ERR) are in place before KICK starts the ring. With
 VHOST_USER_PROTOCOL_F_REPLY_ACK every request that has no reply of its own carries
 ``need_reply`` and a non-zero answer raises :class:`BackendNack`.
 
+Packed rings: add ``Transport.RING_PACKED`` to ``features`` (not asked for by default,
+as QEMU's ``packed=off``); the rings are laid out packed, SET_VRING_ADDR's avail and
+used fields carry the driver and device event areas, and SET/GET_VRING_BASE the avail
+and used positions with their wrap counters (bits 0-15 and 16-31, as QEMU sends them;
+a fresh ring is ``0x80008000``).
+
 Life cycles built from these steps:
 
 * guest reboot: :meth:`VhostUserFrontend.reboot` (stop, rings back to index 0, start);
@@ -53,6 +59,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+import vqcore
 from vqcore import ChainBatch, split_addresses
 
 from pyvirtio.features import (NET_DEPENDENCIES, FeatureDependencyError, NetFeature, Transport,
@@ -67,6 +74,7 @@ from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, 
                                           ConfigSpace, Message, ProtocolError,
                                           ProtocolFeature, Request, SingleMemRegion, U64,
                                           VhostUserError, VringAddr, VringState,
+                                          decode_vring_base, encode_vring_base,
                                           vring_index_payload)
 
 log = logging.getLogger(__name__)
@@ -183,8 +191,9 @@ def rx_buffer_size(features: int) -> int:
 
 def driver_area_size(pairs: int, queue_size: int, rx_buffer: int, tx_buffer: int) -> int:
     """Bytes of guest memory :class:`NetDriver` needs for ``pairs`` pairs (rings, slots
-    and alignment slack), without a control queue."""
-    ring = split_addresses(0, queue_size).end + PAGE_SIZE
+    and alignment slack), without a control queue: enough for split or packed rings (a
+    split ring of a size takes more room than a packed one)."""
+    ring = split_addresses(0, 1 << max(queue_size - 1, 0).bit_length()).end + PAGE_SIZE
     per_queue = lambda slot: ring + queue_size * slot + PAGE_SIZE  # noqa: E731
     return pairs * (per_queue(rx_buffer) + per_queue(tx_buffer)) + PAGE_SIZE
 
@@ -611,13 +620,22 @@ class VhostUserFrontend:
         driver = self._layout()
         fresh = bases is None
         start_at: dict[int, int] = {}
+        packed = bool(self.features & Transport.RING_PACKED)
         if bases is None:
             self._reset_rings()
+            start_at = {dq.index: encode_vring_base(dq.queue.next_avail, dq.queue.last_used,
+                                                    packed=packed)
+                        for dq in driver.all_queues()}
         else:
             missing = [i for i in range(self.num_queues) if i not in bases]
             if missing:
                 raise ValueError(f"no base for ring(s) {missing}")
-            start_at = {i: int(bases[i]) & 0xFFFF for i in range(self.num_queues)}
+            start_at = {i: int(bases[i]) for i in range(self.num_queues)}
+            for i, base in start_at.items():
+                try:
+                    decode_vring_base(base, packed=packed, size=self.queue_size)
+                except ProtocolError as exc:
+                    raise ValueError(f"ring {i}: {exc}") from None
         if not self._features_sent:
             self._set_features()
         self._send_memory()
@@ -628,7 +646,7 @@ class VhostUserFrontend:
             q = dq.queue
             self.request(Request.SET_VRING_NUM, VringState(i, q.size).pack())
             self.request(Request.SET_VRING_BASE, VringState(i, start_at.get(i, 0)).pack())
-            ring_len = split_addresses(0, q.size).end
+            ring_len = vqcore.ring_addresses(0, q.size, self.features).end
             desc = self.memory.uva_of(q.desc_addr, ring_len)
             self.request(Request.SET_VRING_ADDR, VringAddr(
                 i, 0, desc, self.memory.uva_of(q.used_addr), self.memory.uva_of(q.avail_addr),

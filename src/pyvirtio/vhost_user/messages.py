@@ -381,6 +381,69 @@ def vring_index_payload(index: int, fd: bool) -> U64:
     return U64(index | (0 if fd else VRING_NOFD_MASK))
 
 
+# ---- SET_VRING_BASE / GET_VRING_BASE ------------------------------------------------------
+#
+# The ``num`` of a vring state carries a ring's position. Split ring: bits 0-15 the next
+# available index (free-running), bits 16-31 reserved (zero). Packed ring (QEMU's
+# virtio_queue_packed_{get,set}_last_avail_idx, vhost-user.rst "Vring descriptor indices
+# for packed virtqueues"): bits 0-14 the next descriptor slot the device reads, bit 15
+# the avail wrap counter, bits 16-30 the next slot the device writes a used element to,
+# bit 31 the used wrap counter. A front-end that knows only the first half (DPDK, or
+# QEMU relaying a back-end that answered GET_VRING_BASE with 16 bits) sends bits 16-31
+# zero: the used position is then taken to be the avail one, as DPDK does.
+
+#: a packed ring position: slot in bits 0-14, wrap counter in bit 15
+PACKED_SLOT_MASK = 0x7FFF
+PACKED_WRAP = 1 << 15
+
+
+def packed_ring_distance(ahead: int, behind: int, size: int) -> int:
+    """How many slots position ``ahead`` is past ``behind`` (both slot | wrap << 15) on
+    a packed ring of ``size``: 0 .. 2*size-1; at most ``size`` for a consistent pair."""
+    def linear(v: int) -> int:
+        return (v & PACKED_SLOT_MASK) + (0 if v & PACKED_WRAP else size)
+    return (linear(ahead) - linear(behind)) % (2 * size)
+
+
+def encode_vring_base(avail: int, used: int, *, packed: bool) -> int:
+    """The ``num`` of SET/GET_VRING_BASE for a ring whose device side is at ``avail``
+    (next available index; packed: slot | wrap << 15) and ``used`` (packed only)."""
+    if packed:
+        return (avail & 0xFFFF) | (used & 0xFFFF) << 16
+    return avail & 0xFFFF
+
+
+def decode_vring_base(num: int, *, packed: bool, size: int | None = None
+                      ) -> tuple[int, int | None]:
+    """``(avail, used)`` of a SET/GET_VRING_BASE ``num``, every bit checked: split →
+    (index, None); packed → (slot | wrap << 15, the same for the used side, or None when
+    bits 16-31 are zero). With ``size``, slots must be below it and the used position
+    at most ``size`` slots behind the avail one. Raises :class:`ProtocolError`."""
+    if not 0 <= num <= 0xFFFFFFFF:
+        raise ProtocolError(f"vring base {num:#x} does not fit 32 bits")
+    if not packed:
+        if num > 0xFFFF:
+            raise ProtocolError(f"vring base {num:#x}: a split ring's index has 16 bits "
+                                "(bits 16-31 are reserved)")
+        return num, None
+    avail, used = num & 0xFFFF, num >> 16
+    limit = MAX_QUEUE_SIZE if size is None else size
+    if (avail & PACKED_SLOT_MASK) >= limit:
+        raise ProtocolError(f"vring base {num:#x}: avail slot {avail & PACKED_SLOT_MASK} "
+                            f"(bits 0-14) not below the ring size {limit}")
+    if used == 0:
+        return avail, None
+    if (used & PACKED_SLOT_MASK) >= limit:
+        raise ProtocolError(f"vring base {num:#x}: used slot {used & PACKED_SLOT_MASK} "
+                            f"(bits 16-30) not below the ring size {limit}")
+    if size is not None and packed_ring_distance(avail, used, size) > size:
+        raise ProtocolError(
+            f"vring base {num:#x}: the used position (slot {used & PACKED_SLOT_MASK}, wrap "
+            f"{used >> 15}) is not within {size} slots behind the avail position (slot "
+            f"{avail & PACKED_SLOT_MASK}, wrap {avail >> 15})")
+    return avail, used
+
+
 __all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "enum",
                                                                     "struct", "dataclass",
                                                                     "field", "ClassVar")]
