@@ -1,7 +1,8 @@
 """The control virtqueue (pyvirtio.net.ctrl) over a real vqcore ring.
 
-A ``SplitDriverQueue`` plays the guest's driver: it writes each command (header, data,
-ack byte pre-filled with 0xAA) into numpy-backed guest memory and makes it available;
+A driver queue plays the guest's driver: it writes each command (header, data,
+ack byte pre-filled with 0xAA) into numpy-backed guest memory and makes it available
+(the tests on the ``env`` fixture run over a split and a packed ring, ``ring_kind``);
 the ``ControlQueue`` answers on the device side; the driver reclaims the chain and the
 test reads the ack byte and the used length. One test per command, one per kind of
 malformed command; hostile rings the driver API refuses to build are written raw with
@@ -113,15 +114,16 @@ class Env:
 
 
 @pytest.fixture
-def env(make_guest):
-    return Env(make_guest(QSIZE, indirect_max=8))
+def env(make_guest, ring_kind):
+    return Env(make_guest(QSIZE, indirect_max=8, layout=ring_kind))
 
 
 @pytest.fixture
-def make_env(make_guest):
+def make_env(make_guest, ring_kind):
     def make(**kwargs):
         guest_kwargs = {k: kwargs.pop(k) for k in ("data_size",) if k in kwargs}
-        return Env(make_guest(QSIZE, indirect_max=8, **guest_kwargs), **kwargs)
+        return Env(make_guest(QSIZE, indirect_max=8, layout=ring_kind, **guest_kwargs),
+                   **kwargs)
     return make
 
 

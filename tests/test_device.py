@@ -1,4 +1,7 @@
-"""The generic device base (pyvirtio.device): status, negotiation, config space, queues."""
+"""The generic device base (pyvirtio.device): status, negotiation, config space, queues.
+
+The queue tests run for split and packed rings (``ring_kind``): the driver accepts
+VIRTIO_F_RING_PACKED or not, and the device builds the matching queues."""
 
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ N = NetFeature
 V1 = int(Transport.VERSION_1)
 EVENT_IDX = int(Transport.EVENT_IDX)
 
+PACKED = int(Transport.RING_PACKED)
 OFFERED = int(V1 | EVENT_IDX | Transport.INDIRECT_DESC | N.CSUM | N.GUEST_CSUM | N.MAC
-              | N.CTRL_VQ | N.MQ | N.STATUS)
+              | N.CTRL_VQ | N.MQ | N.STATUS | PACKED)
 QSIZE = 16
 BASE = 0x10000
 
@@ -31,10 +35,12 @@ BASE = 0x10000
 class Guest:
     """Guest memory (one numpy region) with room for a few rings."""
 
-    def __init__(self, nrings: int = 2) -> None:
+    def __init__(self, nrings: int = 2, ring_kind: str = "split") -> None:
         self.buffer = np.zeros(64 * 1024, np.uint8)
         self.memory = vqcore.GuestMemory([(BASE, self.buffer)])
-        self.rings = [vqcore.split_addresses(BASE + i * 0x2000, QSIZE) for i in range(nrings)]
+        self.features = PACKED if ring_kind == "packed" else 0
+        self.rings = [vqcore.ring_addresses(BASE + i * 0x2000, QSIZE, self.features)
+                      for i in range(nrings)]
 
 
 def make_device(**kwargs) -> VirtioDevice:
@@ -55,7 +61,8 @@ def bring_up(dev: VirtioDevice, driver_features: int, guest: Guest | None = None
     if guest is not None:
         dev.memory = guest.memory
         for i, ring in enumerate(guest.rings[:dev.num_queues]):
-            dev.configure_queue(i, desc=ring.desc, avail=ring.avail, used=ring.used,
+            desc, driver_area, device_area = ring[:3]
+            dev.configure_queue(i, desc=desc, avail=driver_area, used=device_area,
                                 enabled=True)
     dev.write_status(A | D | F | O)
 
@@ -74,8 +81,8 @@ def test_initial_state():
 
 
 def test_unsupported_transport_feature_refused():
-    with pytest.raises(FeatureError, match="VIRTIO_F_RING_PACKED"):
-        make_device(features=OFFERED | int(Transport.RING_PACKED))
+    with pytest.raises(FeatureError, match="VIRTIO_F_NOTIFICATION_DATA"):
+        make_device(features=OFFERED | int(Transport.NOTIFICATION_DATA))
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_queues=0), dict(queue_size=3),
@@ -87,18 +94,20 @@ def test_bad_construction(kwargs):
 
 # ---- status and negotiation ----------------------------------------------------------------
 
-def test_negotiation_and_driver_ok_create_queues():
-    guest = Guest()
+def test_negotiation_and_driver_ok_create_queues(ring_kind):
+    guest = Guest(ring_kind=ring_kind)
     dev = make_device()
-    wanted = int(V1 | EVENT_IDX | N.CSUM | N.MAC | N.CTRL_VQ | N.MQ)
+    wanted = int(V1 | EVENT_IDX | N.CSUM | N.MAC | N.CTRL_VQ | N.MQ) | guest.features
     bring_up(dev, wanted, guest)
+    assert dev.packed == (ring_kind == "packed")
     assert dev.status == A | D | F | O
     assert dev.driver_ok
     assert dev.negotiated_features == wanted
     assert dev.has_feature(N.MQ) and dev.has_feature(N.MQ | N.CTRL_VQ)
     assert not dev.has_feature(N.STATUS)
     for i, q in enumerate(dev.queues):
-        assert isinstance(q, vqcore.SplitDeviceQueue)
+        assert isinstance(q, vqcore.PackedDeviceQueue if dev.packed
+                          else vqcore.SplitDeviceQueue)
         assert q.event_idx
         assert q.size == QSIZE
         assert q.desc_addr == guest.rings[i].desc
@@ -112,12 +121,12 @@ def test_event_idx_follows_negotiation():
     assert all(not q.event_idx for q in dev.queues)
 
 
-def test_running_queue_moves_chains():
-    guest = Guest(1)
+def test_running_queue_moves_chains(ring_kind):
+    guest = Guest(1, ring_kind)
     dev = make_device(num_queues=1)
-    bring_up(dev, V1, guest)
+    bring_up(dev, V1 | guest.features, guest)
     ring = guest.rings[0]
-    driver = vqcore.SplitDriverQueue(guest.memory, QSIZE, ring.desc, ring.avail, ring.used)
+    driver = vqcore.driver_queue(guest.memory, QSIZE, *ring[:3], features=guest.features)
     out = vqcore.ChainBatch(4)
     data = BASE + 0x8000
     guest.memory.write(data, b"hello")
@@ -342,7 +351,7 @@ def test_configure_queue_checks():
     with pytest.raises(IndexError):
         dev.queue_config(-1)
     with pytest.raises(LayoutError, match="power of two"):
-        dev.configure_queue(0, size=12)
+        dev.configure_queue(0, size=12)      # split (nothing negotiated yet)
     with pytest.raises(LayoutError, match="exceeds its maximum"):
         dev.configure_queue(0, size=2 * QSIZE)
     with pytest.raises(ValueError):
@@ -351,6 +360,26 @@ def test_configure_queue_checks():
     assert (qc.size, qc.desc, qc.avail, qc.used, qc.enabled) == (4, 0x1000, 0x1040, 0x1080, False)
     dev.configure_queue(0, enabled=True)
     assert dev.queue_config(0).enabled and dev.queue_config(0).size == 4
+
+
+def test_packed_queue_size_need_not_be_a_power_of_two():
+    """With VIRTIO_F_RING_PACKED negotiated a queue may have any size up to its
+    maximum; the device builds a packed queue of it."""
+    guest = Guest(1, "packed")
+    dev = make_device(num_queues=1)
+    dev.write_status(A | D)
+    dev.write_driver_features(V1 | PACKED)
+    dev.write_status(A | D | F)
+    dev.memory = guest.memory
+    ring = vqcore.ring_addresses(BASE, 12, PACKED)
+    dev.configure_queue(0, size=12, desc=ring.desc, avail=ring.driver, used=ring.device,
+                        enabled=True)
+    with pytest.raises(LayoutError):
+        dev.configure_queue(0, size=0)
+    dev.write_status(A | D | F | O)
+    q = dev.queue(0)
+    assert isinstance(q, vqcore.PackedDeviceQueue) and q.size == 12
+    assert q.next_avail == 0x8000                 # slot 0, wrap counter 1
 
 
 def test_running_queue_cannot_be_reconfigured():

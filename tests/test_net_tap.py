@@ -32,7 +32,7 @@ import vqcore
 from pyvirtio.backends.tap import TUN_F_CSUM, TUN_F_USO4, TUN_F_USO6, Tap
 from pyvirtio.features import FeatureDependencyError, NetFeature as N, Transport
 from pyvirtio.net import ctrl as C
-from pyvirtio.net.device import NetDevice
+from pyvirtio.net.device import CTRL_FEATURES, DEFAULT_FEATURES, NetDevice
 from pyvirtio.net.driver import NetDriver, NetDriverError
 from pyvirtio.net.header import (HDR_LEN, VIRTIO_NET_HDR_F_NEEDS_CSUM,
                                  VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_UDP_L4)
@@ -126,9 +126,14 @@ def guest_memory(pairs: int, queue_size: int) -> vqcore.GuestMemory:
 @contextmanager
 def open_rig(pairs: int = 1, *, mtu: int | None = None, features: int | None = None,
              queue_size: int = 256, rx_budget: int | None = None, attach: bool = True,
-             txqueuelen: int | None = None) -> Iterator[Rig]:
+             txqueuelen: int | None = None, ring_kind: str = "split") -> Iterator[Rig]:
     """A :class:`Rig`; ``features``: what the guest accepts of what the device offers
-    (default: everything)."""
+    (default: everything); ``ring_kind`` "packed": the device also offers
+    VIRTIO_F_RING_PACKED (the guest then takes it unless ``features`` leaves it out)."""
+    offered = None
+    if ring_kind == "packed":
+        offered = int(DEFAULT_FEATURES | CTRL_FEATURES | Transport.RING_PACKED
+                      | (N.MQ if pairs > 1 else 0))
     with ExitStack() as stack:
         ns = stack.enter_context(nt.namespace())
         tap = stack.enter_context(Tap.create(TAP, pairs, netns=ns, mtu=mtu, mac=nt.HOST_MAC))
@@ -136,10 +141,17 @@ def open_rig(pairs: int = 1, *, mtu: int | None = None, features: int | None = N
             with ns.iproute() as ipr:
                 ipr.link("set", index=tap.ifindex, txqlen=txqueuelen)
         device = stack.enter_context(NetDevice(tap, mac=nt.GUEST_MAC, mtu=mtu or 1500,
-                                               max_pairs=pairs, queue_size=queue_size))
+                                               max_pairs=pairs, queue_size=queue_size,
+                                               features=offered))
         driver = GuestDriver(guest_memory(pairs, queue_size), pairs=pairs,
                              queue_size=queue_size, rx_budget=rx_budget)
         negotiated = driver.attach(device, features) if attach else 0
+        if attach:
+            packed = bool(negotiated & Transport.RING_PACKED)
+            assert packed == (ring_kind == "packed") or features is not None
+            assert all(isinstance(q, vqcore.PackedDeviceQueue if packed
+                                  else vqcore.SplitDeviceQueue)
+                       for q in device.queues if q is not None)
         yield Rig(ns, tap, device, driver, negotiated)
 
 
@@ -265,9 +277,9 @@ def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condit
 # byte-exact frames, both directions
 
 @pytest.mark.parametrize("size", [60, 1514, 9000])
-def test_frames_byte_exact_both_directions(size):
+def test_frames_byte_exact_both_directions(size, ring_kind):
     mtu = 9000 if size > 1514 else None
-    with open_rig(mtu=mtu) as rig, packet_socket(rig.ns) as ps:
+    with open_rig(mtu=mtu, ring_kind=ring_kind) as rig, packet_socket(rig.ns) as ps:
         assert rig.tap.link_info()["mtu"] == (mtu or 1500)
         assert rig.device.net_config.mtu == (mtu or 1500)
         assert rig.features & N.MRG_RXBUF
@@ -469,8 +481,8 @@ def inject_and_collect(rig: Rig, ps: nt.PacketSocket, tag: bytes, n: int, base_p
     return got
 
 
-def test_four_queue_pairs_in_parallel():
-    with open_rig(4) as rig, packet_socket(rig.ns) as ps:
+def test_four_queue_pairs_in_parallel(ring_kind):
+    with open_rig(4, ring_kind=ring_kind) as rig, packet_socket(rig.ns) as ps:
         assert rig.features & N.MQ and rig.features & N.CTRL_VQ
         assert sorted(rig.device.workers) == [0]          # one pair until VQ_PAIRS_SET
         assert pairs_set(rig, 4) == C.VIRTIO_NET_OK
@@ -563,8 +575,9 @@ def mac_table(unicast: Sequence[bytes], multicast: Sequence[bytes]) -> bytes:
             + struct.pack("<I", len(multicast)) + b"".join(multicast))
 
 
-def test_ctrl_rx_modes_and_mac_filtering():
-    with open_rig() as rig, packet_socket(rig.ns) as ps:
+def test_ctrl_rx_modes_and_mac_filtering(ring_kind):
+    """(The control queue is packed too with ``ring_kind`` "packed".)"""
+    with open_rig(ring_kind=ring_kind) as rig, packet_socket(rig.ns) as ps:
         f = rig.device.rx_filter
         ok = C.VIRTIO_NET_OK
         # promiscuous after reset: a frame to another MAC reaches the guest
