@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 
@@ -14,24 +15,51 @@ log = logging.getLogger("pyvirtio")
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pyvirtio.bench import render, run
-    from pyvirtio.bench.suite import Settings
+    from pyvirtio.bench import render
+    from pyvirtio.bench.suite import (Settings, check_levels, render_skipped, render_versus,
+                                      run)
+
+    try:
+        check_levels(args.only)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.plot:
+        from pyvirtio.bench.plot import PlotUnavailable, require_matplotlib
+        try:
+            require_matplotlib()        # before the run, not after minutes of it
+        except PlotUnavailable as exc:
+            log.error("%s", exc)
+            return 2
+
+    tty = sys.stderr.isatty()
 
     def progress(msg: str) -> None:
-        if sys.stderr.isatty():
-            sys.stderr.write("\r\033[K" + msg)
+        if tty:
+            sys.stderr.write("\r\033[K" + msg[:max(20, shutil.get_terminal_size().columns - 1)])
             sys.stderr.flush()
         else:
             log.info("%s", msg)
 
-    try:
-        figures = run(args.only, Settings(quick=args.quick, tiny=args.tiny), args.json, progress)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
-    if sys.stderr.isatty():
+    report = run(args.only, Settings(quick=args.quick, tiny=args.tiny), args.json, progress)
+    if tty:
         sys.stderr.write("\r\033[K")
-    sys.stdout.write(render(figures) + "\n")
+    parts = [render(report.figures)]
+    if report.versus:
+        parts.append(render_versus(report.versus))
+    skipped = render_skipped(report.skipped)
+    if skipped:
+        parts.append(skipped)
+    parts.append(f"({report.seconds.get('total', 0):.0f} s; load average "
+                 f"{' '.join(f'{x:.2f}' for x in report.environment['loadavg'])} at the start, "
+                 f"{' '.join(f'{x:.2f}' for x in report.environment['loadavg_end'])} at the end)")
+    sys.stdout.write("\n\n".join(parts) + "\n")
+    if args.plot:
+        from pyvirtio.bench.plot import plot
+        bars = plot(report.figures, args.plot,
+                    title=f"pyvirtio bench{' --quick' if args.quick else ''}: "
+                          f"{report.environment['cpu']}, {report.environment['cores']} cores")
+        log.info("plot of %d ratios written to %s", bars, args.plot)
     return 0
 
 
@@ -163,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="short run (about 2 minutes)")
     b.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # CI smoke run
     b.add_argument("--json", metavar="FILE", help="write environment and raw samples as JSON")
-    b.add_argument("--only", nargs="+", metavar="LEVEL", help="levels to run (default: all)")
+    b.add_argument("--plot", metavar="FILE.png",
+                   help="draw the ratios as a PNG (needs matplotlib: pip install 'vqcore[plot]')")
+    b.add_argument("--only", nargs="+", metavar="LEVEL",
+                   help="levels to run (default: all): engine pingpong tap packed "
+                        "vhost-user guest")
     b.set_defaults(func=_bench)
 
     n = sub.add_parser(

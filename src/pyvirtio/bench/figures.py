@@ -3,9 +3,12 @@ interleaved in one run (A B A B ...), summarised as median and min-max, and a ra
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Callable
+
+log = logging.getLogger("pyvirtio.bench")
 
 
 @dataclass
@@ -91,3 +94,25 @@ def render(figures: list[Figure]) -> str:
     if notes:
         lines += ["", "notes:", *notes]
     return "\n".join(lines)
+
+
+@dataclass
+class Skip:
+    """A level, or a part of one, that did not run here, and why."""
+    level: str
+    part: str
+    reason: str
+
+
+#: what the current run skipped (:func:`skip` adds, the suite's ``run`` collects)
+SKIPPED: list[Skip] = []
+
+
+def skip(level: str, part: str, reason: str) -> None:
+    """Record (and log) that ``part`` of ``level`` (``""``: all of it) was skipped."""
+    SKIPPED.append(Skip(level, part, reason))
+    log.warning("level %s%s skipped: %s", level, f" ({part})" if part else "", reason)
+
+
+class LevelSkipped(Exception):
+    """Raised by a level that cannot run at all here; the message says why."""

@@ -1,0 +1,687 @@
+"""The vhost-user level of ``pyvirtio bench``: our front-end driving ``pyvirtio net``
+back-ends over Unix sockets, as issue 4 measures it.
+
+Three parts, each against a baseline measured in the same run (A B A B ...):
+
+* **ring rate** (no root needed): the front-end
+  (:class:`~pyvirtio.vhost_user.frontend.VhostUserFrontend`) replays 64 B frames into
+  ``pyvirtio net --sink --poll`` (a busy-polling worker that counts and drops every
+  frame): the pure cross-process ring rate, in Mpps, counted as the TX chains the
+  back-end used. Baseline: the same into ``pyvirtio net --sink`` without ``--poll``
+  (eventfd notifications), so the ratio is what busy-polling buys.
+* **generator into a TAP**: the front-end replays frames of 64 B, 1500 B and a 64 KiB
+  TCP GSO frame (virtio-net header ``GSO_TCPV4``, the back-end's TAP takes it whole)
+  into ``pyvirtio net --tap`` on a multiqueue TAP in a namespace this level creates,
+  1 and 2 queue pairs, counted on the namespace side (the TAP's ``rx_packets``).
+  Baseline: a plain C ``writev`` loop (:func:`vqcore.netbench.writev_loop`) on queue
+  fds of the same TAP, one thread per pair: the kernel's own TAP ceiling.
+* **PVP over TAP**: iperf3 client in namespace A -> TAP A -> back-end A -> our
+  forwarding front-end (:class:`~pyvirtio.vhost_user.forwarder.Forwarder`, both ways,
+  no copy) -> back-end B -> TAP B -> iperf3 server in namespace B, one L2 segment,
+  offloads negotiated end to end so that GSO frames cross whole. TCP Gbit/s with 1 and
+  2 queue pairs (1 and 4 streams) and 64 B UDP (received) pps. Baseline: the same
+  iperf3 runs over a veth pair between the same two namespaces: the kernel's own L2
+  path, a kernel-only ceiling, not like for like (no process boundary, no rings, no
+  TAP). The published vhost-net and target figures are set next to these in the suite's
+  "vs vhost-net" section.
+
+Every namespace, TAP and address lives inside namespaces this module creates and
+removes; every process it starts is ended by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vqcore import netbench
+
+from pyvirtio.backends.tap import TUN_DEVICE, Tap
+from pyvirtio.bench.figures import Figure, skip
+from pyvirtio.bench.tap import OTHER_MAC, _quiet, thread_cpu_ns, tx_frame
+from pyvirtio.net.header import HDR_LEN
+from pyvirtio.netns import NetNamespace
+
+if TYPE_CHECKING:
+    from pyvirtio.bench.suite import Settings
+
+__all__ = [
+    "BackendProcess", "Sizes", "GSO_FRAME", "FRAME_SIZES", "PAIRS", "gso_frame",
+    "gso_header", "generate", "iperf3_rate", "level_vhost_user", "needs_root_reason",
+    "VhostUserBenchError",
+]
+
+log = logging.getLogger("pyvirtio.bench")
+
+#: the 64 KiB TCP GSO frame: Ethernet + IPv4 (total length 65535) = 65549 bytes
+GSO_FRAME = 14 + 65535
+#: frame sizes of the generator-into-TAP part
+FRAME_SIZES = (64, 1500, GSO_FRAME)
+#: queue pairs measured
+PAIRS = (1, 2)
+#: ring size of the generator (QEMU's largest tx_queue_size) and of the PVP ports
+QUEUE_SIZE = 1024
+#: ring size when the slots must hold a 64 KiB frame (memory: 256 x 64 KiB per ring)
+GSO_QUEUE_SIZE = 256
+#: a TX slot for frames up to 1500 B (header + frame, rounded up)
+SMALL_SLOT = 2048
+#: the largest TX slot (header + 64 KiB frame)
+GSO_SLOT = 65562
+#: seconds any one generator run may take
+RUN_TIMEOUT = 30.0
+#: how long a back-end may take to listen (an editable install may rebuild on import)
+BACKEND_START = 120.0
+TAP_NAME = "pvbvu0"
+PVP_TAP_A, PVP_TAP_B = "pvpa0", "pvpb0"
+PVP_VETH_A, PVP_VETH_B = "pvpva", "pvpvb"
+PVP_NET = "10.79.0."          # TAPs (through our forwarder)
+VETH_NET = "10.79.1."         # the veth pair (the kernel's path)
+IPERF_PORT = 5201
+#: UDP payload that makes a 64-byte Ethernet frame (14 + 20 + 8 + 22)
+UDP64_PAYLOAD = 22
+
+NOTE_RING = ("the front-end (Python, one thread, per-chunk replay of pre-written slots) "
+             "against pyvirtio net --sink in a second process over shared memfd memory; "
+             "frames counted as used TX chains; baseline: the same back-end without "
+             "--poll (eventfd kicks and calls): the ratio is what busy-polling buys")
+NOTE_GEN = ("front-end -> pyvirtio net --tap (its worker writev()s each frame into the "
+            "TAP), counted as the TAP's rx_packets in the namespace; baseline: a C writev "
+            "loop on queue fds of the same TAP (the kernel's TAP ceiling on one core per "
+            "pair); the 64 KiB frame is one TCP GSO frame (GSO_TCPV4, gso_size 1448)")
+NOTE_PVP_TCP = ("iperf3 TCP from namespace A to B through TAP A, back-end A, our "
+                "zero-copy forwarder, back-end B, TAP B (offloads end to end: GSO frames "
+                "cross whole); 1 pair = 1 stream, 2 pairs = 4 streams (the TAPs spread "
+                "flows by hash); baseline: the same iperf3 over a veth pair between the "
+                "same namespaces, the kernel's own L2 path: a kernel-only ceiling, not like "
+                "for like; everything shares 2 vCPUs (iperf3 client and server, 2 back-end "
+                "processes, the forwarder)")
+NOTE_PVP_UDP = ("iperf3 UDP, 22-byte payload (64 B frames), unlimited rate, packets the "
+                "server received per second; baseline: the same over the veth pair")
+
+
+class VhostUserBenchError(RuntimeError):
+    """A vhost-user benchmark run could not be set up or did not complete."""
+
+
+def needs_root_reason() -> str | None:
+    """Why the TAP and PVP parts cannot run here, or ``None``."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and TAP devices)"
+    if not os.path.exists(TUN_DEVICE):
+        return f"{TUN_DEVICE} does not exist"
+    if shutil.which("ip") is None:
+        return "needs iproute2's ip command"
+    return None
+
+
+def pvp_reason() -> str | None:
+    """Why the PVP part cannot run here, or ``None``."""
+    reason = needs_root_reason()
+    if reason is None and shutil.which("iperf3") is None:
+        reason = "needs iperf3 (Debian package iperf3)"
+    return reason
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each run moves: frames for the ring rate and the generator (per run, in
+    all), seconds per iperf3 run, repetitions of the iperf3 runs."""
+    ring: int
+    gen_small: int
+    gen_gso: int
+    iperf_seconds: int          # iperf3 -t takes whole seconds (-t 0: no end)
+    pvp_repeats: int
+
+    @classmethod
+    def of(cls, tiny: bool, quick: bool) -> Sizes:
+        if tiny:
+            return cls(ring=20_000, gen_small=4_000, gen_gso=300, iperf_seconds=1,
+                       pvp_repeats=1)
+        if quick:
+            return cls(ring=300_000, gen_small=100_000, gen_gso=4_000, iperf_seconds=1,
+                       pvp_repeats=2)
+        return cls(ring=2_000_000, gen_small=400_000, gen_gso=15_000, iperf_seconds=3,
+                   pvp_repeats=5)
+
+
+# ---------------------------------------------------------------------------------------
+# frames
+
+def gso_header(frame_len: int, mss: int = 1448) -> bytes:
+    """A virtio-net header (12 bytes, VERSION_1) for an IPv4 TCP GSO frame of
+    ``frame_len`` bytes: NEEDS_CSUM over the TCP header and payload, GSO_TCPV4."""
+    flags, gso_type, hdr_len = 1, 1, 14 + 20 + 20
+    return struct.pack("<BBHHHHH", flags, gso_type, hdr_len, mss, 14 + 20, 16, 0)
+
+
+def gso_frame(size: int = GSO_FRAME) -> bytes:
+    """An Ethernet + IPv4 + TCP frame of ``size`` bytes (up to :data:`GSO_FRAME`) to a
+    MAC nobody owns (the kernel counts it, then drops it whole)."""
+    ip_len = size - 14
+    if not 40 < ip_len <= 65535:
+        raise ValueError(f"a TCP/IPv4 frame has 55..{GSO_FRAME} bytes, not {size}")
+    payload = bytes((i * 11) & 0xFF for i in range(ip_len - 40))
+    src, dst = socket.inet_aton("10.79.9.1"), socket.inet_aton("10.79.9.2")
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, 1, 0x4000, 64, socket.IPPROTO_TCP,
+                     0, src, dst)
+    total = 0
+    for (word,) in struct.iter_unpack("!H", ip):
+        total += word
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    ip = ip[:10] + struct.pack("!H", ~total & 0xFFFF) + ip[12:]
+    # the pseudo-header sum goes in the TCP checksum field (NEEDS_CSUM convention)
+    pseudo = sum(struct.unpack("!4H", src + dst)) + socket.IPPROTO_TCP + (ip_len - 20)
+    while pseudo >> 16:
+        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+    tcp = struct.pack("!HHIIBBHHH", 40001, 5201, 1, 0, 5 << 4, 0x18, 65535, pseudo, 0)
+    eth = OTHER_MAC + bytes.fromhex("525400123456") + struct.pack("!H", 0x0800)
+    return eth + ip + tcp + payload
+
+
+def frame_and_header(size: int) -> tuple[bytes, bytes]:
+    """(frame, virtio-net header) of the generator for ``size``."""
+    if size == GSO_FRAME:
+        return gso_frame(size), gso_header(size)
+    return tx_frame(size), bytes(HDR_LEN)
+
+
+# ---------------------------------------------------------------------------------------
+# processes
+
+class BackendProcess:
+    """``python -m pyvirtio net --socket-path DIR/NAME.sock ARGS`` until :meth:`stop`."""
+
+    def __init__(self, sockdir: str | Path, name: str, args: Sequence[str]) -> None:
+        self.path = str(Path(sockdir) / f"{name}.sock")
+        self.log_path = Path(sockdir) / f"{name}.log"
+        self.argv = [sys.executable, "-m", "pyvirtio", "net", "--socket-path", self.path,
+                     *args]
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + BACKEND_START
+            while not os.path.exists(self.path):
+                if self.proc.poll() is not None:
+                    raise VhostUserBenchError(f"pyvirtio net exited ({self.proc.returncode})"
+                                              f": {self.tail()}")
+                if time.monotonic() > deadline:
+                    raise VhostUserBenchError(f"pyvirtio net did not listen within "
+                                              f"{BACKEND_START:.0f} s: {self.tail()}")
+                time.sleep(0.02)
+        except BaseException:
+            self.stop()
+            raise
+
+    def tail(self, lines: int = 8) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        """SIGTERM (a clean shutdown: socket and any TAP it created removed), then SIGKILL
+        after 15 s; only this process."""
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            log.warning("pyvirtio net (pid %d) ignored SIGTERM: SIGKILL", self.proc.pid)
+            self.proc.kill()
+            self.proc.wait(15)
+
+
+def _ip(*argv: str) -> str:
+    """``ip ARGV`` (iproute2); its output. :class:`VhostUserBenchError` on failure."""
+    proc = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise VhostUserBenchError(f"ip {' '.join(argv)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _quiet_namespace(ns: NetNamespace) -> None:
+    """``lo`` up, IPv6 off (no router solicitations or DAD on the TAPs)."""
+    _ip("-n", ns.name, "link", "set", "lo", "up")
+    for key in ("all", "default"):
+        subprocess.run(["ip", "netns", "exec", ns.name, "sysctl", "-qw",
+                        f"net.ipv6.conf.{key}.disable_ipv6=1"], capture_output=True,
+                       timeout=30)
+
+
+def link_counters(ns: str, ifname: str) -> dict[str, int]:
+    """``rx_packets``, ``rx_bytes``, ``tx_packets``, ``tx_bytes`` of ``ifname`` as
+    namespace ``ns`` sees them."""
+    data = json.loads(_ip("-n", ns, "-j", "-s", "link", "show", "dev", ifname))[0]
+    st = data["stats64"]
+    return {f"{d}_{k}": int(st[d][k]) for d in ("rx", "tx") for k in ("packets", "bytes")}
+
+
+# ---------------------------------------------------------------------------------------
+# the generator
+
+@contextlib.contextmanager
+def frontend(path: str, pairs: int, *, queue_size: int = QUEUE_SIZE,
+             tx_buffer: int = SMALL_SLOT, name: str = "bench", **kwargs: object
+             ) -> Iterator[object]:
+    """A started :class:`VhostUserFrontend` on the back-end at ``path`` (closed after)."""
+    from pyvirtio.vhost_user.frontend import VhostUserFrontend
+    fe = VhostUserFrontend(pairs=pairs, queue_size=queue_size, tx_buffer=tx_buffer,
+                           name=name, **kwargs)
+    try:
+        fe.connect(path, timeout=30)
+        fe.start()
+        yield fe
+    finally:
+        fe.close()
+
+
+def _wait_used(queues: Sequence, timeout: float) -> None:
+    """Sleep until one of ``queues`` (driver queues) interrupts, unless used chains
+    already wait."""
+    for dq in queues:
+        if dq.queue.enable_interrupts():
+            return
+    ready, _, _ = select.select([dq.call_fd for dq in queues], [], [], timeout)
+    for fd in ready:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+
+
+@dataclass
+class GenSample:
+    """One generator run: ``frames`` the back-end used in ``seconds``."""
+    frames: int
+    seconds: float
+    info: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def generate(fe, frame: bytes, header: bytes, frames: int, *, spin: bool = False,
+             mark: Callable[[], object] | None = None) -> GenSample:
+    """Keep every TX ring of ``fe`` full of ``header + frame`` (pre-written slots
+    re-added a chunk at a time: nothing per frame in Python) until about ``frames``
+    chains came back, spread over the pairs. A warm-up of one ring per pair goes first
+    and is waited for; then ``mark()`` (e.g. read the TAP's counters, which then stand
+    still) and the timed run, from the first chain added to the last one back.
+    ``spin``: never sleep (for a polling back-end)."""
+    drv = fe.driver
+    tx = [2 * p + 1 for p in range(fe.pairs)]
+    queues = [drv.tx[p] for p in range(fe.pairs)]
+    for i in tx:
+        drv.replay_start(i, frame, header=header)
+    per_pair = max(frames // fe.pairs, 1)
+    deadline = time.perf_counter() + RUN_TIMEOUT
+
+    def check(counts: list[int], goal: int) -> None:
+        if time.perf_counter() > deadline:
+            raise VhostUserBenchError(f"{sum(counts)} of {goal * fe.pairs} frames in "
+                                      f"{RUN_TIMEOUT:.0f} s")
+
+    def pump(counts: list[int], goal: int) -> None:
+        while True:
+            for p, i in enumerate(tx):
+                counts[p] += drv.replay(i, refill=counts[p] < goal)
+            if min(counts) >= goal:
+                break
+            check(counts, goal)
+            if not spin:
+                _wait_used(queues, 0.05)
+        while any(dq.queue.in_flight for dq in queues):    # what is in flight comes back
+            for p, i in enumerate(tx):
+                counts[p] += drv.replay(i, refill=False)
+            check(counts, goal)
+            if not spin and any(dq.queue.in_flight for dq in queues):
+                _wait_used(queues, 0.05)
+
+    pump([0] * fe.pairs, min(per_pair, queues[0].slots))   # pages faulted, rings primed
+    if mark is not None:
+        mark()
+    done = [0] * fe.pairs
+    cpu0 = thread_cpu_ns()[0]
+    t0 = time.perf_counter()
+    pump(done, per_pair)
+    t1 = time.perf_counter()
+    cpu1 = thread_cpu_ns()[0]
+    for i in tx:
+        drv.replay_stop(i)
+    total = sum(done)
+    return GenSample(total, t1 - t0, {"frontend_cpu_ns_per_frame": (cpu1 - cpu0) / max(total, 1)})
+
+
+def _writev_threads(fds: Sequence[int], frame: bytes, frames: int) -> tuple[float, int]:
+    """C ``writev`` loops, one thread per fd (``frame`` carries its own header):
+    (seconds of the slowest, frames written)."""
+    out: list[tuple[int, int, float] | None] = [None] * len(fds)
+    per = max(frames // len(fds), 1)
+
+    def run(k: int) -> None:
+        out[k] = netbench.writev_loop(fds[k], frame, per, hdr_len=0, timeout=RUN_TIMEOUT)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(fds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(r is None for r in out):
+        raise VhostUserBenchError("a writev thread failed")
+    return max(r[2] for r in out), sum(r[0] for r in out)
+
+
+# ---------------------------------------------------------------------------------------
+# iperf3
+
+def iperf3_rate(ns: str, address: str, seconds: int, *, udp: bool = False,
+                streams: int = 1, port: int = IPERF_PORT) -> tuple[float, dict]:
+    """iperf3 client in namespace ``ns`` to ``address``: (TCP bit/s received, or UDP
+    packets received per second; the JSON)."""
+    if int(seconds) < 1:
+        raise ValueError("iperf3 runs last whole seconds, at least 1")
+    argv = ["ip", "netns", "exec", ns, "iperf3", "-c", address, "-p", str(port), "-J",
+            "-t", str(int(seconds))]
+    if streams > 1:
+        argv += ["-P", str(streams)]
+    if udp:
+        argv += ["-u", "-l", str(UDP64_PAYLOAD), "-b", "0"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    except subprocess.TimeoutExpired as exc:
+        raise VhostUserBenchError(f"iperf3 to {address} did not end") from exc
+    try:
+        data = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise VhostUserBenchError(f"iperf3 printed no JSON (rc={proc.returncode}): "
+                                  f"{proc.stderr[-300:]}") from exc
+    if "error" in data:
+        raise VhostUserBenchError(f"iperf3: {data['error']}")
+    end = data["end"]
+    if udp:
+        s = end["sum"]
+        got = int(s["packets"]) - int(s.get("lost_packets", 0))
+        return got / float(s["seconds"]), data
+    return float(end["sum_received"]["bits_per_second"]), data
+
+
+class Iperf3Server:
+    """``iperf3 -s`` in namespace ``ns`` until :meth:`stop` (ended by pid)."""
+
+    def __init__(self, ns: str, port: int = IPERF_PORT, log_path: Path | None = None) -> None:
+        self.port = port
+        out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        try:
+            # `ip netns exec` execs iperf3: the pid is iperf3's
+            self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-p",
+                                          str(port)], stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        finally:
+            if log_path:
+                out.close()
+        deadline = time.monotonic() + 30
+        while not self._listening():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise VhostUserBenchError("iperf3 server did not start")
+            time.sleep(0.05)
+
+    def _listening(self) -> bool:
+        """Whether a TCP socket listens on the port in the server's namespace."""
+        rows: list[list[str]] = []
+        for table in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/{self.proc.pid}/net/{table}") as fh:
+                    rows += [line.split() for line in fh.read().splitlines()[1:]]
+            except OSError:
+                continue
+        return any(len(r) > 3 and r[3] == "0A" and int(r[1].rsplit(":", 1)[1], 16) == self.port
+                   for r in rows)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+# ---------------------------------------------------------------------------------------
+# the parts
+
+def _row(name: str, unit: str, baseline: str, note: str = "") -> Figure:
+    return Figure("vhost-user", name, unit, True, baseline=baseline, note=note)
+
+
+def part_ring(s: Settings, n: Sizes, sockdir: str, progress: Callable[[str], None]
+              ) -> list[Figure]:
+    """The ring rate: 64 B frames into ``--sink --poll`` vs ``--sink``."""
+    frame = tx_frame(64)
+    f = _row("ring rate: front-end -> pyvirtio net --sink --poll, 64 B, 1 pair", "Mpps",
+             "same into --sink without --poll", NOTE_RING)
+    polled = BackendProcess(sockdir, "sinkpoll", ["--sink", "--poll"])
+    try:
+        plain = BackendProcess(sockdir, "sink", ["--sink"])
+        try:
+            for rep in range(s.repeats):
+                # one connection per run: an idle polling worker would spin through
+                # the baseline's run
+                with frontend(polled.path, 1, name="gen-poll") as fe:
+                    f.samples.append(generate(fe, frame, bytes(HDR_LEN), n.ring,
+                                              spin=True).pps / 1e6)
+                with frontend(plain.path, 1, name="gen") as fe:
+                    f.baseline_samples.append(generate(fe, frame, bytes(HDR_LEN),
+                                                       n.ring).pps / 1e6)
+                progress(f"vhost-user: ring rate [{rep + 1}/{s.repeats}]")
+        finally:
+            plain.stop()
+    finally:
+        polled.stop()
+    return [f]
+
+
+def part_generator(s: Settings, n: Sizes, sockdir: str, progress: Callable[[str], None]
+                   ) -> list[Figure]:
+    """The generator into a back-end with a TAP, vs C writev loops on the same TAP."""
+    figures: list[Figure] = []
+    with NetNamespace(prefix="pvbvu") as ns:
+        _quiet_namespace(ns)
+        # our handle creates the TAP (and deletes it); the back-end attaches its own
+        # queues to it; ours serve the baseline's writev loops
+        with Tap.create(TAP_NAME, max(PAIRS), netns=ns) as tap:
+            be = BackendProcess(sockdir, "gen", ["--tap", TAP_NAME, "--netns", ns.name,
+                                                 "--queues", str(max(PAIRS))])
+            try:
+                for size in FRAME_SIZES:
+                    frame, header = frame_and_header(size)
+                    gso = size == GSO_FRAME
+                    count = n.gen_gso if gso else n.gen_small
+                    label = "64 KiB TCP GSO" if gso else f"{size} B"
+                    for pairs in PAIRS:
+                        what = f"generator -> TAP, {label}, {pairs} pair{'s' * (pairs > 1)}"
+                        mpps = _row(what, "Mpps", "C writev loop, same TAP", NOTE_GEN)
+                        gbps = _row(what, "Gbit/s", "C writev loop, same TAP")
+                        for rep in range(s.repeats):
+                            marks: list[dict[str, int]] = []
+                            with frontend(be.path, pairs,
+                                          queue_size=GSO_QUEUE_SIZE if gso else QUEUE_SIZE,
+                                          tx_buffer=GSO_SLOT if gso else SMALL_SLOT,
+                                          name="gen") as fe:
+                                g = generate(fe, frame, header, count, mark=lambda: marks.append(
+                                    link_counters(ns.name, TAP_NAME)))
+                                c1 = link_counters(ns.name, TAP_NAME)
+                            c0 = marks[0]
+                            frames = c1["rx_packets"] - c0["rx_packets"]
+                            if frames < g.frames:
+                                log.warning("%s: the back-end used %d chains, the TAP "
+                                            "counted %d frames", what, g.frames, frames)
+                            mpps.samples.append(frames / g.seconds / 1e6)
+                            gbps.samples.append(frames * size * 8 / g.seconds / 1e9)
+                            c0 = link_counters(ns.name, TAP_NAME)
+                            secs, _ = _writev_threads(tap.fds[:pairs], header + frame, count)
+                            c1 = link_counters(ns.name, TAP_NAME)
+                            frames = c1["rx_packets"] - c0["rx_packets"]
+                            mpps.baseline_samples.append(frames / secs / 1e6)
+                            gbps.baseline_samples.append(frames * size * 8 / secs / 1e9)
+                            progress(f"vhost-user: {what} [{rep + 1}/{s.repeats}]")
+                        figures += [mpps, gbps]
+            finally:
+                be.stop()
+    return figures
+
+
+class _Pvp:
+    """Namespaces A and B, a TAP in each behind its own ``pyvirtio net`` (``--queues
+    2``), addresses :data:`PVP_NET` 1 (A) and 2 (B) on the TAPs, a veth pair between
+    them with :data:`VETH_NET` 1 and 2, and an iperf3 server in B."""
+
+    def __init__(self, sockdir: str) -> None:
+        self.sockdir = sockdir
+        self.ns_a = NetNamespace(prefix="pvbvu")
+        self.ns_b = NetNamespace(prefix="pvbvu")
+        self.backends: list[BackendProcess] = []
+        self.server: Iperf3Server | None = None
+        try:
+            for ns in (self.ns_a, self.ns_b):
+                ns.open()
+                _quiet_namespace(ns)
+            for ns, tap, name in ((self.ns_a, PVP_TAP_A, "pvpa"), (self.ns_b, PVP_TAP_B, "pvpb")):
+                self.backends.append(BackendProcess(
+                    sockdir, name, ["--tap", tap, "--netns", ns.name, "--queues",
+                                    str(max(PAIRS))]))
+            _ip("-n", self.ns_a.name, "addr", "add", f"{PVP_NET}1/24", "dev", PVP_TAP_A)
+            _ip("-n", self.ns_b.name, "addr", "add", f"{PVP_NET}2/24", "dev", PVP_TAP_B)
+            _ip("-n", self.ns_a.name, "link", "add", PVP_VETH_A, "type", "veth", "peer",
+                "name", PVP_VETH_B, "netns", self.ns_b.name)
+            for ns, dev, host in ((self.ns_a, PVP_VETH_A, 1), (self.ns_b, PVP_VETH_B, 2)):
+                _ip("-n", ns.name, "addr", "add", f"{VETH_NET}{host}/24", "dev", dev)
+                _ip("-n", ns.name, "link", "set", dev, "up")
+            self.server = Iperf3Server(self.ns_b.name,
+                                       log_path=Path(sockdir) / "iperf3-server.log")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        for be in self.backends:
+            be.stop()
+        for ns in (self.ns_b, self.ns_a):
+            ns.remove()
+
+    @contextlib.contextmanager
+    def forwarding(self, pairs: int) -> Iterator[object]:
+        """Both ports connected (one shared memfd) and a both-ways forwarder on
+        ``pairs`` pairs; the forwarder is yielded."""
+        from pyvirtio.vhost_user.forwarder import Forwarder
+        from pyvirtio.vhost_user.frontend import (VhostUserFrontend, driver_area_size,
+                                                  rx_buffer_size)
+        from pyvirtio.vhost_user.memfd import SharedGuestMemory
+        need = driver_area_size(pairs, QUEUE_SIZE, rx_buffer_size(0) , SMALL_SLOT)
+        shm = SharedGuestMemory(2 * need + (16 << 20), name="pyvirtio-pvp")
+        ports = [VhostUserFrontend(pairs=pairs, queue_size=QUEUE_SIZE, tx_buffer=SMALL_SLOT,
+                                   memory=shm, name=name) for name in ("a", "b")]
+        try:
+            for fe, be in zip(ports, self.backends):
+                fe.connect(be.path, timeout=30)
+                fe.start()
+            with Forwarder(ports[0], ports[1], both_ways=True) as fwd:
+                yield fwd
+            if fwd.errors:
+                raise VhostUserBenchError(f"forwarder failed: {fwd.errors[0]!r}")
+        finally:
+            for fe in ports:
+                fe.close()
+            shm.close()
+
+
+def part_pvp(s: Settings, n: Sizes, sockdir: str, progress: Callable[[str], None]
+             ) -> list[Figure]:
+    """PVP over TAP vs the veth pair: TCP Gbit/s (1 and 2 pairs) and 64 B UDP pps."""
+    figures: list[Figure] = []
+    pvp = _Pvp(sockdir)
+    try:
+        for pairs in PAIRS:
+            streams = 1 if pairs == 1 else 4
+            tag = f"{pairs} pair{'s' * (pairs > 1)}"
+            tcp = _row(f"PVP TCP, {tag} ({streams} stream{'s' * (streams > 1)})", "Gbit/s",
+                       "veth pair, same namespaces (kernel only)", NOTE_PVP_TCP)
+            udp = _row(f"PVP UDP 64 B, {tag}", "Mpps",
+                       "veth pair, same namespaces (kernel only)", NOTE_PVP_UDP)
+            per_path: list[float] = []
+            for rep in range(n.pvp_repeats):
+                with pvp.forwarding(pairs) as fwd:
+                    bps, _ = iperf3_rate(pvp.ns_a.name, f"{PVP_NET}2", n.iperf_seconds,
+                                         streams=streams)
+                    tcp.samples.append(bps / 1e9)
+                    pps, _ = iperf3_rate(pvp.ns_a.name, f"{PVP_NET}2", n.iperf_seconds,
+                                         udp=True, streams=pairs)
+                    udp.samples.append(pps / 1e6)
+                    stats = fwd.stats()
+                    per_path = [row["a->b"].frames for row in stats]
+                    big = [row["a->b"].bytes / max(row["a->b"].frames, 1) for row in stats]
+                bps, _ = iperf3_rate(pvp.ns_a.name, f"{VETH_NET}2", n.iperf_seconds,
+                                     streams=streams)
+                tcp.baseline_samples.append(bps / 1e9)
+                pps, _ = iperf3_rate(pvp.ns_a.name, f"{VETH_NET}2", n.iperf_seconds,
+                                     udp=True, streams=pairs)
+                udp.baseline_samples.append(pps / 1e6)
+                progress(f"vhost-user: PVP {tag} [{rep + 1}/{n.pvp_repeats}]")
+            tcp.note += (f" [last run: frames A->B per pair {per_path}, mean bytes per "
+                         f"forwarded frame {[round(b) for b in big]}]")
+            figures += [tcp, udp]
+    finally:
+        pvp.close()
+    return figures
+
+
+def level_vhost_user(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
+    """The ring rate (always), the generator into a TAP and PVP over TAP (root, and
+    iperf3 for PVP); parts that cannot run are reported as skipped."""
+    n = Sizes.of(s.tiny, s.quick)
+    figures: list[Figure] = []
+    sockdir = tempfile.mkdtemp(prefix="pvbvu")        # short: a socket path <= 107 bytes
+    try:
+        with _quiet(("pyvirtio.net", "pyvirtio.backends", "pyvirtio.device",
+                     "pyvirtio.vhost_user", "pyvirtio.netns")):
+            figures += part_ring(s, n, sockdir, progress)
+            reason = needs_root_reason()
+            if reason:
+                skip("vhost-user", "generator -> TAP and PVP over TAP", reason)
+                return figures
+            figures += part_generator(s, n, sockdir, progress)
+            reason = pvp_reason()
+            if reason:
+                skip("vhost-user", "PVP over TAP", reason)
+                return figures
+            figures += part_pvp(s, n, sockdir, progress)
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+    return figures
