@@ -2,7 +2,9 @@
 on QEMU's own TAP backend and on ``pyvirtio net`` over vhost-user.
 
 Every test boots its own guest inside its own network namespace (:mod:`harness`); the
-tests that both backends must pass are parametrized over :data:`harness.BACKENDS`.
+tests that both backends must pass are parametrized over :data:`harness.BACKENDS`, and
+the traffic tests also over the ring layout (``ring``: ``packed=on`` or not; every boot
+checks in sysfs that the guest negotiated VIRTIO_F_RING_PACKED exactly when asked).
 """
 
 from __future__ import annotations
@@ -35,15 +37,40 @@ MiB = 1 << 20
 FILE_SIZE = 8 * MiB + 4093
 
 
+#: ring layouts: split (QEMU's default) and packed (``-device virtio-net-pci,packed=on``)
+RINGS = ("split", "packed")
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
     """The NIC backend under test."""
     return request.param
 
 
+@pytest.fixture(params=RINGS)
+def ring(request) -> str:
+    """The virtqueue layout the guest is given."""
+    return request.param
+
+
+def check_ring_layout(qemu, config: VmConfig) -> None:
+    """The guest negotiated VIRTIO_F_RING_PACKED (feature bit 34 in sysfs) exactly when
+    the device was ``packed=on``."""
+    features = guest_feature_bits(qemu.features or "")
+    assert features & int(T.VERSION_1), qemu.features
+    assert bool(features & int(T.RING_PACKED)) == config.packed, (config, qemu.features)
+
+
+def boot(testbed, config: VmConfig):
+    """Boot ``config`` (ready marker seen) and check the ring layout."""
+    qemu = testbed.boot(config)
+    check_ring_layout(qemu, config)
+    return qemu
+
+
 def boot_with_agent(testbed, config: VmConfig):
     """Boot ``config`` and wait until the guest agent answers."""
-    qemu = testbed.boot(config)
+    qemu = boot(testbed, config)
     agent = testbed.agent()
     agent.wait(timeout=30)
     return qemu, agent
@@ -77,15 +104,15 @@ def test_one_shot_command(testbed, backend):
     assert text.index("VQ-READY") < text.index("VQ-END rc=7")
 
 
-def test_ping_both_ways(testbed, backend):
+def test_ping_both_ways(testbed, backend, ring):
     """ICMP echo guest -> host and host -> guest."""
-    _, agent = boot_with_agent(testbed, VmConfig(backend=backend))
+    _, agent = boot_with_agent(testbed, VmConfig(backend=backend, packed=ring == "packed"))
     ping_both_ways(testbed, agent)
 
 
-def test_random_file_both_ways(testbed, backend):
+def test_random_file_both_ways(testbed, backend, ring):
     """8 MiB of random bytes host -> guest and guest -> host, sha256 checked both ends."""
-    _, agent = boot_with_agent(testbed, VmConfig(backend=backend))
+    _, agent = boot_with_agent(testbed, VmConfig(backend=backend, packed=ring == "packed"))
     data = os.urandom(FILE_SIZE)
     with testbed.timed("host_to_guest"):
         r = agent.run("cat > /tmp/in && wc -c < /tmp/in && sha256sum /tmp/in",
@@ -109,14 +136,14 @@ def tcp_buffer_max(text: str) -> tuple[int, int]:
     return values[2], values[5]
 
 
-def test_iperf3_tcp_both_ways(testbed, backend):
+def test_iperf3_tcp_both_ways(testbed, backend, ring):
     """iperf3 TCP host -> guest and guest -> host (-R) of 128 MiB each: the sender wrote
     them all; the receiver got all but what may still have been in the sender's socket
     buffer or in flight when the sender reported its end over the control connection
     (iperf3 stops counting then): at most the sender's tcp_wmem[2] plus the receiver's
     tcp_rmem[2]; and the TAP's byte counter in that direction saw at least what the
     receiver got."""
-    _, agent = boot_with_agent(testbed, VmConfig(backend=backend))
+    _, agent = boot_with_agent(testbed, VmConfig(backend=backend, packed=ring == "packed"))
     start_iperf3_server(agent)
     sysctls = "cat /proc/sys/net/ipv4/tcp_wmem /proc/sys/net/ipv4/tcp_rmem"
     guest_wmem, guest_rmem = tcp_buffer_max(agent.run(sysctls).text)
@@ -139,10 +166,12 @@ def test_iperf3_tcp_both_ways(testbed, backend):
         assert wire >= received, (direction, wire, received)
 
 
-def test_guest_reboot(testbed, backend):
+def test_guest_reboot(testbed, backend, ring):
     """``reboot -f`` in the guest (QEMU without -no-reboot): the machine resets, the
-    driver comes up again on the same backend and traffic works."""
-    qemu, agent = boot_with_agent(testbed, VmConfig(backend=backend, no_reboot=False))
+    driver comes up again on the same backend (packed: the rings start again from slot
+    0 with both wrap counters 1) and traffic works."""
+    config = VmConfig(backend=backend, no_reboot=False, packed=ring == "packed")
+    qemu, agent = boot_with_agent(testbed, config)
     ping_both_ways(testbed, agent, count=2)
     first = qemu.wait_ready()
     agent.run("(sleep 0.3; reboot -f) </dev/null >/dev/null 2>&1 &")
@@ -151,6 +180,7 @@ def test_guest_reboot(testbed, backend):
     assert qemu.alive
     agent.wait(timeout=30)
     assert qemu.text().count("VQ-READY") == 2     # /init ran again: the machine reset
+    check_ring_layout(qemu, config)
     ping_both_ways(testbed, agent, count=2)
     data = os.urandom(MiB)
     r = agent.run("sha256sum", stdin=data)
@@ -218,21 +248,23 @@ def test_negotiated_features(testbed):
     assert re.search(r"rx-checksumming: on", k), k
 
 
-#: QEMU before 8.0 sends ADD_MEM_REG (and REM_MEM_REG) from every queue pair's vhost
-#: device over the one connection, so with 2 pairs the same region arrives twice
-DUPLICATE_ADD_MEM_REG = "ADD_MEM_REG refused (NACK): region"
+def pair_stats(backend_log: str) -> dict[int, dict[str, dict[str, int]]]:
+    """pair -> {"rx": counters, "tx": counters} of the last ``pair N stats`` lines of a
+    ``pyvirtio net`` log (logged when a front-end disconnects, and on SIGUSR1)."""
+    out: dict[int, dict[str, dict[str, int]]] = {}
+    for m in re.finditer(r"pair (\d+) stats[^:]*: rx ([^;\n]*); tx ([^\n]*)", backend_log):
+        out[int(m.group(1))] = {
+            d: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text)}
+            for d, text in (("rx", m.group(2)), ("tx", m.group(3)))}
+    return out
 
 
-def test_two_queue_pairs(testbed, backend):
+def test_two_queue_pairs(testbed, backend, ring):
     """``-smp 2`` and 2 queue pairs: the guest runs 2 combined channels; a TCP sender
     pinned to each vCPU moves traffic through both pairs, as the guest's per-queue
-    counters show, and for vhost-user the backend's per-ring indices (logged at
-    GET_VRING_BASE) too."""
-    qemu = testbed.boot(VmConfig(backend=backend, queues=2, smp=2))
-    if backend == "vhost-user" and DUPLICATE_ADD_MEM_REG in testbed.backend.log_text():
-        pytest.xfail("pyvirtio net refuses QEMU 7.2's second ADD_MEM_REG of the same "
-                     "region (sent by the vhost device of queue pair 1): QEMU stops the "
-                     "device")
+    counters show, and for vhost-user the backend's per-pair counters too (QEMU 7.2
+    sends ADD_MEM_REG of the same region once per pair: the backend takes the copy)."""
+    qemu = boot(testbed, VmConfig(backend=backend, queues=2, smp=2, packed=ring == "packed"))
     agent = testbed.agent()
     agent.wait(timeout=30)
     channels = agent.run("ethtool -l eth0").text
@@ -252,26 +284,38 @@ def test_two_queue_pairs(testbed, backend):
             assert delta[f"{d}_queue_{q}_packets"] >= 100, delta
     if backend != "vhost-user":
         return
+    assert "refused" not in testbed.backend.log_text()
     qemu.stop()                 # QEMU stops the rings (GET_VRING_BASE) as it exits
     text = wait_backend_log(testbed, r"ring \d+ stopped at index", count=4)
-    indices = ring_stop_indices(text)
-    assert sorted(indices) == [0, 1, 2, 3], indices
-    for ring in range(4):
-        assert indices[ring] >= 100, indices
+    assert sorted(ring_stop_indices(text)) == [0, 1, 2, 3]
+    text = wait_backend_log(testbed, r"pair 1 stats \(connection ended\)")
+    stats = pair_stats(text)
+    assert sorted(stats) == [0, 1], stats
+    for p in (0, 1):
+        for d in ("rx", "tx"):
+            assert stats[p][d]["packets"] >= 100, stats
 
 
-def test_packed_ring(testbed, backend):
-    """``packed=on``: the guest negotiates VIRTIO_F_RING_PACKED and traffic works."""
-    if backend == "vhost-user" and not vhost_user_offered() & int(T.RING_PACKED):
-        pytest.skip("pyvirtio net does not offer VIRTIO_F_RING_PACKED yet (packed rings "
-                    "not in the vhost-user backend)")
-
-    qemu, agent = boot_with_agent(testbed, VmConfig(backend=backend, packed=True))
-    assert guest_feature_bits(qemu.features or "") & int(T.RING_PACKED)
+def test_packed_ring_negotiated_end_to_end(testbed):
+    """``packed=on`` over vhost-user: the guest (sysfs bit 34), QEMU's SET_FEATURES to
+    the backend and the backend's rings are all packed; when QEMU stops the rings,
+    GET_VRING_BASE answers QEMU's packed format (avail and used slot with their wrap
+    counters), and the backend's counters saw the traffic."""
+    assert vhost_user_offered() & int(T.RING_PACKED)
+    qemu, agent = boot_with_agent(testbed, VmConfig(backend="vhost-user", packed=True))
+    text = wait_backend_log(testbed, r": features ")
+    assert negotiated_features(text) & int(T.RING_PACKED)
     ping_both_ways(testbed, agent, count=2)
     data = os.urandom(2 * MiB)
     r = agent.run("sha256sum", stdin=data)
     assert r.text.split()[0] == hashlib.sha256(data).hexdigest()
+    qemu.stop()
+    text = wait_backend_log(testbed, r"pair 0 stats \(connection ended\)")
+    stops = re.findall(r"ring (\d) stopped at index \d+ \(0x[0-9a-f]+: avail slot (\d+) "
+                       r"wrap ([01]), used slot (\d+) wrap ([01])\)", text)
+    assert {int(s[0]) for s in stops} == {0, 1}, text[-3000:]
+    stats = pair_stats(text)[0]
+    assert stats["rx"]["packets"] >= 10 and stats["tx"]["packets"] >= 10, stats
 
 
 @pytest.mark.heavy
