@@ -1,5 +1,5 @@
 """``pyvirtio bench --plot FILE.png``: the results table as bars, one per figure, each
-the ratio to its baseline (log scale, 1x marked; whiskers from the worst to the best
+the ratio to its baseline (log scale, bars from 1x: right is better, left worse; whiskers from the worst to the best
 pairing of the samples' ranges). matplotlib is an optional extra: ``pip install
 'vqcore[plot]'``."""
 
@@ -54,10 +54,11 @@ def plot(figures: list[Figure], path: str, title: str = "pyvirtio bench") -> int
     for y, f in enumerate(rows):
         r = f.ratio
         lo, hi = ratio_range(f) or (r, r)
-        ax.barh(y, r, color=colours(levels.index(f.level) % 10), left=0)
+        # from 1x to the ratio: better goes right, worse goes left
+        ax.barh(y, r - 1.0, left=1.0, color=colours(levels.index(f.level) % 10))
         ax.errorbar(r, y, xerr=[[max(r - lo, 0)], [max(hi - r, 0)]], fmt="none",
                     ecolor="black", capsize=2, linewidth=0.8)
-        ax.text(max(r, hi) * 1.05, y, f"{r:.2f}x", va="center", fontsize=7)
+        ax.text(max(r, hi, 1.0) * 1.05, y, f"{r:.2f}x", va="center", fontsize=7)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{f.level}: {f.name} [{f.unit}]" for f in rows], fontsize=7)
     ax.invert_yaxis()
@@ -69,6 +70,6 @@ def plot(figures: list[Figure], path: str, title: str = "pyvirtio bench") -> int
     if handles:
         ax.legend(handles, levels, fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return len(rows)

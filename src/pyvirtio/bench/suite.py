@@ -129,7 +129,7 @@ def environment() -> dict:
         pass
     from importlib import metadata
     versions = {}
-    for pkg in ("vqcore", "numpy", "pyroute2", "Cython"):
+    for pkg in ("vqcore", "numpy", "pyroute2", "Cython", "matplotlib"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
