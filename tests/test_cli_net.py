@@ -160,6 +160,42 @@ def test_sigterm_ends_a_serving_backend_cleanly(sock_path, tmp_path):
     assert "Traceback" not in log_path.read_text()
 
 
+def test_sigusr1_logs_pair_counters_and_no_packed_withdraws_the_offer(sock_path, tmp_path):
+    """``--no-packed``: GET_FEATURES without VIRTIO_F_RING_PACKED. SIGUSR1 logs each
+    pair's counters and the backend goes on; a disconnect logs them again."""
+    log_path = tmp_path / "backend.log"
+    proc = _spawn(["--socket-path", sock_path, "--loopback", "--queues", "2",
+                   "--no-packed"], log_path)
+    ram = GuestRam(4 << 20, name="vu-cli-usr1")
+    try:
+        wait_for(lambda: os.path.exists(sock_path), STARTUP, "the socket")
+        with Peer(sock_path) as p:
+            offered = p.get_features()
+            assert not offered & (1 << 34)
+            assert offered | (1 << 34) == int(VHOST_USER_NET_FEATURES) | 1 << 22  # + MQ
+            g = start_net(p, ram, packed=True)             # asked, but not offered
+            assert not g.features & (1 << 34)
+            _exchange(g, 30)
+            proc.send_signal(signal.SIGUSR1)
+            wait_for(lambda: "(SIGUSR1)" in log_path.read_text(), 30, "the SIGUSR1 lines")
+            assert p.get_features() == offered            # still serving
+            g.close()
+        wait_for(lambda: "(connection ended)" in log_path.read_text(), 30, "the end lines")
+        text = log_path.read_text()
+        assert "pair 0 stats (SIGUSR1): rx packets=30 " in text
+        assert "tx packets=30 " in text
+        assert "pair 1 stats (SIGUSR1): rx packets=0 " in text
+        assert "pair 0 stats (connection ended): rx packets=30 " in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ram.close()
+    assert "Traceback" not in log_path.read_text()
+
+
 def _in_thread(fn):
     import threading
     errors: list[BaseException] = []
