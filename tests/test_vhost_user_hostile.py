@@ -450,6 +450,32 @@ def test_packed_set_vring_base_values_accepted(backend, ram):
         p.close()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_base_before_features_is_checked_when_the_ring_starts(backend, ram, packed):
+    """SET_VRING_BASE before SET_FEATURES (not QEMU's order) is kept as it came; the
+    ring's start checks it against the layout then: QEMU's packed fresh base
+    0x80008000 starts a packed ring and is refused for a split one."""
+    p = _open(backend, True)
+    try:
+        assert p.vring_base(0, 0x80008000) == 0
+        p.set_features(ring_features(p.get_features(), packed))
+        p.set_mem_table([ram])
+        p.vring_num(0, 256)
+        p.vring_addr(0, ram.uva, ram.uva + 8192, ram.uva + 12288)
+        efd = os.eventfd(0)
+        try:
+            ack = p.call(Request.SET_VRING_KICK, U64(0).pack(), [efd], check=False)
+        finally:
+            os.close(efd)
+        assert (ack == 0) == packed
+        assert backend.backend.rings[0].started == packed
+        if packed:
+            assert backend.backend.device.queues[0].next_avail == 0x8000
+        assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+    finally:
+        p.close()
+
+
 def test_split_set_vring_base_reserved_bits(backend, caplog, ram):
     """A split ring's base has 16 bits: anything in bits 16-31 is refused."""
     p = _open(backend, True, features=True, memory=ram)

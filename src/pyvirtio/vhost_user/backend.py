@@ -849,9 +849,7 @@ class VhostUserNetBackend:
         ring = self._ring(body.index)
         if ring.started:
             raise ProtocolError(f"ring {ring.index} is running: stop it before resizing")
-        self.device.check_ring_size(body.num)
-        if body.num > MAX_QUEUE_SIZE:
-            raise ProtocolError(f"ring {ring.index}: size {body.num} above {MAX_QUEUE_SIZE}")
+        self.device.check_ring_size(body.num)       # as the negotiated layout allows
         ring.num = body.num
 
     def _on_set_vring_addr(self, msg: Message, body: VringAddr) -> None:
@@ -875,10 +873,13 @@ class VhostUserNetBackend:
         ring = self._ring(body.index)
         if ring.started:
             raise ProtocolError(f"ring {ring.index} is running: stop it before SET_VRING_BASE")
-        try:
-            decode_vring_base(body.num, packed=self.device.packed, size=ring.num)
-        except ProtocolError as exc:
-            raise ProtocolError(f"ring {ring.index}: {exc}") from None
+        # checked against the layout now when the features are known (QEMU sends
+        # SET_FEATURES first), and again when the ring starts in any case
+        if self._features_ok:
+            try:
+                decode_vring_base(body.num, packed=self.device.packed, size=ring.num)
+            except ProtocolError as exc:
+                raise ProtocolError(f"ring {ring.index}: {exc}") from None
         ring.base = body.num
 
     def _on_get_vring_base(self, msg: Message, body: VringState) -> bytes:
