@@ -291,6 +291,32 @@ def test_broken_ring_signals_its_error_fd_and_needs_reset(tmp_path, ram):
         g.close()
 
 
+def test_broken_packed_ring_signals_its_error_fd_and_needs_reset(tmp_path, ram):
+    """A guest that puts a descriptor pointing outside guest memory on a packed TX
+    ring: the error fd fires, DEVICE_NEEDS_RESET is set, the RX ring goes on."""
+    import select as _select
+    with serving(tmp_path, "loopback") as s, s.connect() as p:
+        g = start_net(p, ram, packed=True)
+        err = os.eventfd(0, os.EFD_NONBLOCK)
+        try:
+            p.vring_fd(Request.SET_VRING_ERR, 1, err)
+            _exchange(g.driver, 0, 0, 10)
+            q = g.driver.tx[0].queue
+            slot, wrap = q.next_avail & 0x7FFF, q.next_avail >> 15
+            flags = (1 << 7) if wrap else (1 << 15)        # available for this lap
+            desc = struct.pack("<QIHH", 0xDEAD_0000_0000, 64, 0, flags)
+            ram.memory.write(q.desc_addr + 16 * slot, desc)
+            os.eventfd_write(g.driver.tx[0].kick_fd, 1)
+            assert _select.select([err], [], [], 5.0)[0], "no signal on the error fd"
+            assert p.get_u64(Request.GET_STATUS) & S.DEVICE_NEEDS_RESET
+            assert "ring 1" in s.backend.needs_reset_reason
+            s.packet.inject(frame(77))                 # RX still delivers
+            assert recv_frames(g.driver, 0, 1) == [frame(77)]
+        finally:
+            os.close(err)
+        g.close()
+
+
 # ---- memory ----------------------------------------------------------------------------------
 
 def test_memory_table_swap_with_running_rings(tmp_path, ram, ring_kind):
