@@ -348,11 +348,12 @@ def test_qemu_killed_mid_transfer(testbed):
 
 
 @pytest.mark.heavy
-def test_backend_restart_under_running_qemu(testbed):
+def test_backend_restart_under_running_qemu(testbed, ring):
     """The backend ends (SIGTERM) and a new one starts on the same socket while QEMU
     (``reconnect=1``) keeps running: QEMU reconnects, and traffic resumes within a few
     seconds."""
-    qemu, agent = boot_with_agent(testbed, VmConfig(backend="vhost-user", reconnect=True))
+    qemu, agent = boot_with_agent(testbed, VmConfig(backend="vhost-user", reconnect=True,
+                                                    packed=ring == "packed"))
     ping_both_ways(testbed, agent, count=2)
     first = testbed.backend
     assert first.stop() == 0

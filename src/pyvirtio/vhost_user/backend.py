@@ -31,7 +31,12 @@ Ring life cycle, as the protocol defines it:
   does (:func:`~pyvirtio.vhost_user.messages.decode_vring_base`). A used position
   behind the avail one (chains in flight) is where the ring resumes, if the descriptor
   there is still available; a front-end that sends bits 16-31 zero (DPDK's format)
-  resumes with the used position equal to the avail one;
+  resumes with the used position equal to the avail one. QEMU 7.2 cannot restore a
+  packed ring's position after losing its back-end (no GET_VRING_BASE): it sends the
+  base of the previous start again. A base the descriptors contradict (it claims a
+  fresh ring where slots were used, or its slot was used in this lap or made
+  available for the next) is replaced by the position the descriptor flags show
+  (:func:`packed_ring_position`), when they show one;
 * a new memory table (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) is swapped in with every
   worker stopped: the running rings are rebuilt over the new mapping with their indices,
   then the old mapping is released. QEMU before 8.0 sends ADD_MEM_REG and REM_MEM_REG
@@ -65,6 +70,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 import vqcore
 from vqcore import GuestMemory
 from vqcore.errors import MemoryRegionError, VirtioError
@@ -76,8 +83,9 @@ from pyvirtio.net.header import HDR_LEN
 from pyvirtio.status import DeviceStatus
 from pyvirtio.vhost_user.connection import Connection, PeerClosed, close_fds
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, MAX_MEM_SLOTS,
-                                          MAX_QUEUE_SIZE, PACKED_SLOT_MASK, REQUEST_BODY,
-                                          REQUEST_FDS, VRING_IDX_MASK, VRING_NOFD_MASK, ConfigSpace, MemRegion, MemTable,
+                                          MAX_QUEUE_SIZE, PACKED_SLOT_MASK, PACKED_WRAP,
+                                          REQUEST_BODY, REQUEST_FDS, VRING_IDX_MASK,
+                                          VRING_NOFD_MASK, ConfigSpace, MemRegion, MemTable,
                                           Message, ProtocolError, ProtocolFeature, Request,
                                           SingleMemRegion, U64, VhostUserError, VringAddr,
                                           VringState, decode_vring_base, encode_vring_base,
@@ -143,6 +151,58 @@ _EXPECTED = (VirtioError, OSError, ValueError, BufferError, OverflowError)
 
 class BackendStateError(VhostUserError, RuntimeError):
     """The back-end is used after :meth:`VhostUserNetBackend.close`."""
+
+
+def packed_slot_state(flags: int, wrap: int) -> str:
+    """What a packed descriptor's flags say about its slot for a device at wrap counter
+    ``wrap``: "avail" (made available for this lap), "used" (a used element of this lap),
+    "old" (a used element of the previous lap, or a never written zero slot at the
+    start) or "next" (made available for the next lap)."""
+    a, u = bool(flags & _DESC_F_AVAIL), bool(flags & _DESC_F_USED)
+    if a == u:
+        return "used" if a == bool(wrap) else "old"
+    return "avail" if a == bool(wrap) else "next"
+
+
+def packed_ring_is_fresh(flags: np.ndarray) -> bool:
+    """Whether a packed ring's flags are those of a ring no device used yet: slots made
+    available for the first lap (wrap counter 1) from slot 0 on, the rest zero."""
+    flags = np.asarray(flags, dtype=np.uint16)
+    a = (flags >> 7) & 1
+    u = (flags >> 15) & 1
+    return bool(not u.any() and np.all(np.diff(a.astype(np.int8)) <= 0))
+
+
+def packed_ring_position(flags: np.ndarray) -> int | None:
+    """Where the device side of a packed ring stands (slot | wrap << 15), read from the
+    flags of every descriptor of the ring, or None when they do not say it clearly.
+
+    Model: chains of one descriptor each (as Linux's virtio-net driver posts them:
+    single RX buffers, indirect tables for multi-part TX), processed in order. For a
+    device at slot P with wrap counter w, the slots read from 0 on are: made available
+    for the next lap (A(!w)), used in this lap (U(w)) up to P, then made available for
+    this lap (A(w)) and used in the previous lap (U(!w), or zero) — in that order. The
+    wrap counter for which the ring reads so decides P; both must agree if both do.
+    A chain of several descriptors leaves slots that break the order: None.
+    """
+    flags = np.asarray(flags, dtype=np.uint16)
+    size = len(flags)
+    if size == 0:
+        return None
+    a = (flags >> 7) & 1
+    u = (flags >> 15) & 1
+    used = a == u
+    found = set()
+    for w in (0, 1):
+        mine = a == w
+        code = np.where(used, np.where(mine, 1, 3), np.where(mine, 2, 0))
+        if np.all(np.diff(code) >= 0):
+            later = np.flatnonzero(code >= 2)
+            if len(later):
+                found.add(int(later[0]) | w << 15)
+            else:                             # the whole lap used: slot 0, next lap
+                found.add(0 | (w ^ 1) << 15)
+    return found.pop() if len(found) == 1 else None
 
 
 def rarp_frame(mac: bytes) -> bytes:
@@ -581,24 +641,52 @@ class VhostUserNetBackend:
                             "from the used index", self.name, i, avail, used_idx)
                 avail = used_idx
             return avail, avail
-        if used_pos is None or used_pos == avail:
-            return avail, avail
-        # packed, chains in flight: they are still marked available in the ring (the
-        # device writes a used element over a chain's first descriptor) unless the
-        # previous owner completed them after all
-        slot, wrap = used_pos & PACKED_SLOT_MASK, used_pos >> 15
-        flags = int.from_bytes(self.memory.read(desc + 16 * slot + 14, 2), "little")
-        available = (bool(flags & _DESC_F_AVAIL) == bool(wrap)
-                     and bool(flags & _DESC_F_USED) != bool(wrap))
-        if not available:
+        size = ring.num or 1
+        # one copy of every descriptor's flags (the guest may write meanwhile)
+        flags = np.frombuffer(self.memory.read(desc, 16 * size), "<u2")[7::8].copy()
+
+        def state(pos: int) -> str:
+            return packed_slot_state(int(flags[pos & PACKED_SLOT_MASK]), pos >> 15)
+
+        start = avail
+        if used_pos is not None and used_pos != avail:
+            # chains in flight: they are still marked available in the ring (the device
+            # writes a used element over a chain's first descriptor) unless the
+            # previous owner completed them after all
+            slot, wrap = used_pos & PACKED_SLOT_MASK, used_pos >> 15
+            if state(used_pos) == "avail":
+                log.warning("%s: ring %d: %d slot(s) in flight at the stop (base %#x); "
+                            "resuming from the used position, slot %d wrap %d", self.name,
+                            i, packed_ring_distance(avail, used_pos, size), ring.base,
+                            slot, wrap)
+                return used_pos, used_pos
             log.warning("%s: ring %d: base %#x says chains are in flight, but the "
                         "descriptor at used slot %d is not available: resuming from the "
                         "avail position", self.name, i, ring.base, slot)
-            return avail, avail
-        log.warning("%s: ring %d: %d slot(s) in flight at the stop (base %#x); resuming "
-                    "from the used position, slot %d wrap %d", self.name, i,
-                    packed_ring_distance(avail, used_pos, ring.num or 1), ring.base, slot, wrap)
-        return used_pos, used_pos
+        # QEMU 7.2 keeps, for a packed ring, the base of the last start when the
+        # back-end went away without GET_VRING_BASE (it cannot restore it from guest
+        # memory as it does a split ring's used index): a new back-end is told "fresh
+        # ring" (or an old position) for a ring the guest has long been using. Such a
+        # base shows: it claims a fresh ring where descriptors were used already, or
+        # the slot at it was used in this lap or made available for the next (at a
+        # device's position the slot is available for its lap, or from the last one).
+        seen = state(start)
+        if start == PACKED_WRAP and not packed_ring_is_fresh(flags):
+            seen = "not fresh"
+        elif seen in ("avail", "old"):
+            return start, start
+        derived = packed_ring_position(flags)
+        if derived is None:
+            log.warning("%s: ring %d: base %#x is stale (slot %d is %s) and the ring does "
+                        "not tell where the device was; resuming at the base", self.name,
+                        i, ring.base, start & PACKED_SLOT_MASK, seen)
+            return start, start
+        if derived != start:
+            log.warning("%s: ring %d: base %#x is stale (slot %d is %s); resuming where "
+                        "the ring shows the device was: slot %d wrap %d", self.name, i,
+                        ring.base, start & PACKED_SLOT_MASK, seen,
+                        derived & PACKED_SLOT_MASK, derived >> 15)
+        return derived, derived
 
     def _start_ring(self, ring: RingState) -> None:
         """Start ``ring`` (its pair's worker is stopped; the caller resumes it)."""
