@@ -54,6 +54,8 @@ class QueuePairConfig:
     tx_kick: int
     rx_call: int = -1
     tx_call: int = -1
+    #: where TX frames go when not ``fd`` (a sink's :data:`vqcore.net.DISCARD_FD`)
+    tx_fd: int | None = None
     rx_filter: NetRxFilter | None = None
     mrg_rxbuf: bool = True
     max_frame: int = 65562               # largest frame incl. header the fd may deliver
@@ -179,10 +181,11 @@ class QueuePairWorker(threading.Thread):
         cfg = self.cfg
         if self._tx_dead:
             return False
+        tx_fd = cfg.fd if cfg.tx_fd is None else cfg.tx_fd
         try:
             for _ in range(BURSTS_PER_TURN):
                 cfg.tx.disable_notification()
-                tx_burst(cfg.tx, self._tx_batch, cfg.fd if cfg.tx_enabled else -1,
+                tx_burst(cfg.tx, self._tx_batch, tx_fd if cfg.tx_enabled else -1,
                          cfg.tx_stats, hdr_len=cfg.hdr_len, call_fd=cfg.tx_call)
                 if cfg.tx_stats.ring_empty and not cfg.tx.enable_notification():
                     return False
