@@ -627,7 +627,9 @@ class VhostUserNetBackend:
     def _resume_indices(self, ring: RingState, desc: int, used: int) -> tuple[int, int]:
         """(next_avail, next_used) a started ring begins with: SET_VRING_BASE's, unless
         chains were in flight when the previous owner stopped; then the first of them,
-        so that they are processed again (in order: nothing lost, nothing repeated)."""
+        so that they are processed again (in order: nothing lost, nothing repeated).
+        A packed ring's base that its descriptors contradict (a stale one) gives way to
+        the position they show."""
         i = ring.index
         try:
             avail, used_pos = decode_vring_base(ring.base, packed=self.device.packed,
