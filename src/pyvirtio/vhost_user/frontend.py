@@ -609,10 +609,12 @@ class VhostUserFrontend:
     def start(self, bases: Mapping[int, int] | None = None) -> None:
         """Set the rings up on the back-end and start them.
 
-        Without ``bases``: a fresh start, every ring from index 0 (its memory zeroed) and
-        every RX buffer posted. With ``bases`` (ring index -> next available index, as
-        :meth:`stop` returned them): resume the rings as they are, the back-end
-        starting at those indices."""
+        Without ``bases``: a fresh start, every ring from index 0 (its memory zeroed;
+        SET_VRING_BASE 0, or 0x80008000 for a packed ring: slot 0, both wrap counters
+        1) and every RX buffer posted. With ``bases`` (ring index -> GET_VRING_BASE's
+        value, as :meth:`stop` returned them): resume the rings as they are, the
+        back-end starting at those positions. A base that does not fit the ring layout
+        raises ValueError."""
         if self.conn is None:
             raise BackendClosed(f"{self.name}: not connected")
         if self.running:
@@ -676,8 +678,9 @@ class VhostUserFrontend:
                  "" if fresh else f" from {start_at}")
 
     def stop(self) -> dict[int, int]:
-        """Stop every ring (GET_VRING_BASE); returns ring index -> the back-end's next
-        available index. The rings keep their state in memory."""
+        """Stop every ring (GET_VRING_BASE); returns ring index -> the back-end's
+        position (split: the next available index; packed: avail slot and wrap counter
+        in bits 0-15, used ones in bits 16-31). The rings keep their state in memory."""
         if not self.running:
             raise FrontendError(f"{self.name}: not started")
         assert self.driver is not None
