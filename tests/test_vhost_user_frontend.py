@@ -478,11 +478,14 @@ def test_sequence_without_protocol_features():
         assert fe.config is None and fe.mac is None
 
 
-def test_memory_table_and_ring_addresses():
+def test_memory_table_and_ring_addresses(ring_kind):
     """SET_MEM_TABLE carries one memfd region whose userspace_addr is our mapping;
-    ring addresses are user addresses inside it; kick/call/err fds are eventfds."""
-    fe = VhostUserFrontend(queue_size=128, name="mem")
-    with attached(fe) as fake:
+    ring addresses are user addresses inside it (packed: the avail and used fields
+    carry the driver and device event areas); SET_VRING_BASE is a fresh ring's (0, or
+    0x80008000 packed, as QEMU sends it); kick/call/err fds are eventfds."""
+    fe = VhostUserFrontend(queue_size=128, name="mem", **ring_kwargs(ring_kind))
+    with attached(fe, dict(features=int(FULL_FEATURES | T.RING_PACKED))) as fake:
+        assert bool(fe.features & T.RING_PACKED) == (ring_kind == "packed")
         fe.start()
         mt = fake.of(R.SET_MEM_TABLE)[0]
         table = MemTable.unpack(mt.body)
@@ -504,6 +507,13 @@ def test_memory_table_and_ring_addresses():
                 assert U64.unpack(s.body).value < 2        # ring index, fd present
         sizes = [VringState.unpack(s.body) for s in fake.of(R.SET_VRING_NUM)]
         assert [(s.index, s.num) for s in sizes] == [(0, 128), (1, 128)]
+        bases = [VringState.unpack(s.body) for s in fake.of(R.SET_VRING_BASE)]
+        fresh = 0x80008000 if ring_kind == "packed" else 0
+        assert [(s.index, s.num) for s in bases] == [(0, fresh), (1, fresh)]
+        if ring_kind == "packed":
+            for s in fake.of(R.SET_VRING_ADDR):
+                a = VringAddr.unpack(s.body)
+                assert a.avail == a.desc + 16 * 128 and a.used == a.avail + 4
 
 
 def ring_uvas(fe: VhostUserFrontend, index: int) -> tuple[int, int, int]:
