@@ -96,14 +96,14 @@ IPERF_PORT = 5201
 #: UDP payload that makes a 64-byte Ethernet frame (14 + 20 + 8 + 22)
 UDP64_PAYLOAD = 22
 
-NOTE_RING = ("the front-end (Python, one thread, per-chunk replay of pre-written slots) "
-             "against pyvirtio net --sink in a second process over shared memfd memory; "
-             "frames counted as used TX chains; baseline: the same back-end without "
-             "--poll (eventfd kicks and calls): the ratio is what busy-polling buys. "
-             "Profiled (perf): ~95% of the CPU is the back-end worker's per-frame writev "
-             "on the sink's unconnected datagram socket, which on this kernel allocates, "
-             "copies and frees an skb before failing; the front-end takes ~5%: this "
-             "measures the sink, not the rings, until the sink discards without a syscall")
+NOTE_RING = ("the front-end (Python, one thread, per-chunk replay of pre-written slots; it "
+             "spins against --poll) against pyvirtio net --sink (TX through vqcore's "
+             "DISCARD_FD: no syscall per frame) in a second process over shared memfd "
+             "memory; frames counted as used TX chains; baseline: the same back-end "
+             "without --poll (eventfd kicks and calls): the ratio is what busy-polling "
+             "buys. Profiled (perf, --poll): the back-end worker spends most of its time in "
+             "the split-ring code (pop, push used), the front-end in its Python loop; two "
+             "spinning threads on 2 shared vCPUs make it swing with any other load")
 NOTE_GEN = ("front-end -> pyvirtio net --tap (its worker writev()s each frame into the "
             "TAP), counted as the TAP's rx_packets in the namespace; baseline: a C writev "
             "loop on queue fds of the same TAP (the kernel's TAP ceiling on one core per "
