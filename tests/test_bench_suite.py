@@ -209,9 +209,26 @@ def test_vhost_user_without_root_runs_the_ring_rate_and_skips_the_rest(monkeypat
     assert len(f.samples) == len(f.baseline_samples) == Settings(tiny=True).repeats
     assert all(x > 0 for x in f.samples + f.baseline_samples)
     assert [(k.level, k.part) for k in rep.skipped] == \
-        [("vhost-user", "generator -> TAP and PVP over TAP")]
+        [("vhost-user", "generator -> TAP"), ("vhost-user", "PVP over TAP")]
     assert "needs root" in rep.skipped[0].reason
     assert "needs root" in suite.render_skipped(rep.skipped)
+
+
+def test_a_failing_part_keeps_the_others(monkeypatch):
+    monkeypatch.setattr(bv, "part_ring", lambda s, n, d, p: [Figure("vhost-user", "r", "u",
+                                                                    True, [1.0])])
+    monkeypatch.setattr(bv, "needs_root_reason", lambda: None)
+
+    def broken(s, n, d, p):
+        raise bv.VhostUserBenchError("TAP on fire")
+
+    monkeypatch.setattr(bv, "part_generator", broken)
+    monkeypatch.setattr(bv, "pvp_reason", lambda: "needs iperf3")
+    rep = suite.run(["vhost-user"], Settings(tiny=True))
+    assert [f.name for f in rep.figures] == ["r"]
+    assert [(k.part, k.reason) for k in rep.skipped] == [
+        ("generator -> TAP", "FAILED: VhostUserBenchError: TAP on fire"),
+        ("PVP over TAP", "needs iperf3")]
 
 
 def test_pvp_needs_iperf3(monkeypatch):

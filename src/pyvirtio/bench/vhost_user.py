@@ -670,24 +670,27 @@ def part_pvp(s: Settings, n: Sizes, sockdir: str, progress: Callable[[str], None
 
 def level_vhost_user(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
     """The ring rate (always), the generator into a TAP and PVP over TAP (root, and
-    iperf3 for PVP); parts that cannot run are reported as skipped."""
+    iperf3 for PVP); parts that cannot run are reported as skipped, a part that fails
+    as skipped with its error (the other parts' figures stay)."""
     n = Sizes.of(s.tiny, s.quick)
     figures: list[Figure] = []
+    parts = [("ring rate", part_ring, lambda: None),
+             ("generator -> TAP", part_generator, needs_root_reason),
+             ("PVP over TAP", part_pvp, pvp_reason)]
     sockdir = tempfile.mkdtemp(prefix="pvbvu")        # short: a socket path <= 107 bytes
     try:
         with _quiet(("pyvirtio.net", "pyvirtio.backends", "pyvirtio.device",
                      "pyvirtio.vhost_user", "pyvirtio.netns")):
-            figures += part_ring(s, n, sockdir, progress)
-            reason = needs_root_reason()
-            if reason:
-                skip("vhost-user", "generator -> TAP and PVP over TAP", reason)
-                return figures
-            figures += part_generator(s, n, sockdir, progress)
-            reason = pvp_reason()
-            if reason:
-                skip("vhost-user", "PVP over TAP", reason)
-                return figures
-            figures += part_pvp(s, n, sockdir, progress)
+            for part, fn, check in parts:
+                reason = check()
+                if reason:
+                    skip("vhost-user", part, reason)
+                    continue
+                try:
+                    figures += fn(s, n, sockdir, progress)
+                except Exception as exc:  # noqa: BLE001 - the other parts still run
+                    log.exception("vhost-user: %s failed", part)
+                    skip("vhost-user", part, f"FAILED: {type(exc).__name__}: {exc}")
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
     return figures
