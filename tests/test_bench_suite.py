@@ -174,6 +174,28 @@ def test_a_failing_level_is_reported_and_the_others_run(monkeypatch):
     assert rep.skipped[0].reason.startswith("FAILED: OSError: no such thing")
 
 
+def test_ringtest_binary_is_measured_next_to_ours(tmp_path):
+    """--ringtest PATH: the binary runs with --run-cycles N (and --sleep for eventfd
+    mode) and is timed; a failing one is a skip with its output."""
+    fake = tmp_path / "ringtest"
+    log = tmp_path / "args"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nexit 0\n")
+    fake.chmod(0o755)
+    rep = suite.run(["pingpong"], Settings(tiny=True, ringtest=str(fake)))
+    rows = [f for f in rep.figures if "vs ringtest" in f.name]
+    assert len(rows) == 2 and all(len(f.baseline_samples) == len(f.samples) for f in rows)
+    assert rows[0].baseline == "kernel ringtest ringtest"
+    calls = log.read_text().splitlines()
+    n = Settings(tiny=True).pingpong_buffers
+    assert f"--run-cycles {n}" in calls and f"--run-cycles {n} --sleep" in calls
+    fake.write_text("#!/bin/sh\necho 'unknown option' >&2\nexit 3\n")
+    rep = suite.run(["pingpong"], Settings(tiny=True, ringtest=str(fake)))
+    assert not [f for f in rep.figures if "vs ringtest" in f.name]
+    assert [k.part for k in rep.skipped] == ["ringtest busy-poll", "ringtest eventfd+event_idx"]
+    assert "unknown option" in rep.skipped[0].reason
+    assert cli.main(["bench", "--only", "pingpong", "--ringtest", str(tmp_path / "none")]) == 2
+
+
 def test_guest_level_skips_without_qemu(monkeypatch):
     from pyvirtio.guest import harness
     monkeypatch.setattr(harness, "qemu_binary", lambda: None)

@@ -41,7 +41,11 @@ def _bench(args: argparse.Namespace) -> int:
         else:
             log.info("%s", msg)
 
-    report = run(args.only, Settings(quick=args.quick, tiny=args.tiny), args.json, progress)
+    if args.ringtest and not os.access(args.ringtest, os.X_OK):
+        log.error("--ringtest %s: not an executable file", args.ringtest)
+        return 2
+    report = run(args.only, Settings(quick=args.quick, tiny=args.tiny, ringtest=args.ringtest),
+                 args.json, progress)
     if tty:
         sys.stderr.write("\r\033[K")
     parts = [render(report.figures)]
@@ -193,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="write environment and raw samples as JSON")
     b.add_argument("--plot", metavar="FILE.png",
                    help="draw the ratios as a PNG (needs matplotlib: pip install 'vqcore[plot]')")
+    b.add_argument("--ringtest", metavar="PATH",
+                   help="a binary of the Linux kernel's tools/virtio/ringtest (e.g. "
+                        "virtio_ring_0_9) to measure next to our ring ping-pong")
     b.add_argument("--only", nargs="+", metavar="LEVEL",
                    help="levels to run (default: all): engine pingpong tap packed "
                         "vhost-user guest")

@@ -29,6 +29,9 @@ class Settings:
     """How long and how big: ``quick`` for CI and the README's main job."""
     quick: bool = False
     tiny: bool = False
+    #: a binary of the Linux kernel's tools/virtio/ringtest (e.g. ``virtio_ring_0_9``),
+    #: measured next to our ping-pong when given
+    ringtest: str | None = None
 
     @property
     def repeats(self) -> int:
@@ -74,10 +77,44 @@ def level_engine(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
     return out
 
 
+def ringtest_ns(path: str, cycles: int, eventfd: bool, timeout: float = 300.0) -> float:
+    """ns per buffer of a kernel tools/virtio/ringtest binary: its wall time for
+    ``--run-cycles cycles`` (``--sleep``: eventfd mode) divided by the cycles.
+    :class:`RuntimeError` with its output when it fails."""
+    import subprocess
+    argv = [path, "--run-cycles", str(cycles)] + (["--sleep"] if eventfd else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    t1 = time.perf_counter()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: "
+                           f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+    return (t1 - t0) * 1e9 / cycles
+
+
 def level_pingpong(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
-    """Two-thread ring ping-pong (ringtest's shape: ring 256, 1-descriptor buffers)."""
+    """Two-thread ring ping-pong (ringtest's shape: ring 256, 1-descriptor buffers);
+    with ``s.ringtest`` also against that kernel ringtest binary."""
     out = []
     model = engine.implementation("model")
+    if s.ringtest:
+        name = os.path.basename(s.ringtest)
+        for eventfd in (False, True):
+            mode = "eventfd+event_idx" if eventfd else "busy-poll"
+            f = Figure("pingpong", f"two threads, {mode}, C loops over the engine, vs ringtest",
+                       "ns/buffer", False, baseline=f"kernel ringtest {name}"
+                                                     f"{' --sleep' if eventfd else ''}",
+                       note=("ringtest timed as a whole process (thread start included) "
+                             "over --run-cycles buffers, its default ring and batch; ours: "
+                             "ring 256, batch 64"))
+            try:
+                measure(f, lambda: engine.pingpong_c(s.pingpong_buffers, eventfd)["ns_per_buffer"],
+                        lambda: ringtest_ns(s.ringtest, s.pingpong_buffers, eventfd),
+                        s.repeats, progress)
+            except (OSError, RuntimeError, ValueError) as exc:
+                skip("pingpong", f"ringtest {mode}", str(exc))
+                continue
+            out.append(f)
     for eventfd in (False, True):
         mode = "eventfd+event_idx" if eventfd else "busy-poll"
         f = Figure("pingpong", f"two threads, {mode}, C loops over the engine", "ns/buffer", False,
