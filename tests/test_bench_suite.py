@@ -13,15 +13,14 @@ import struct
 import subprocess
 import sys
 
+import nettools as nt
 import pytest
 
-import nettools as nt
 from pyvirtio import cli
 from pyvirtio.bench import figures as bf
 from pyvirtio.bench import guest as bg
 from pyvirtio.bench import plot as bp
-from pyvirtio.bench import schema
-from pyvirtio.bench import suite
+from pyvirtio.bench import schema, suite
 from pyvirtio.bench import vhost_user as bv
 from pyvirtio.bench.figures import Figure
 from pyvirtio.bench.suite import Settings

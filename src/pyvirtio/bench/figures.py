@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 log = logging.getLogger("pyvirtio.bench")
 

@@ -38,8 +38,15 @@ from pyvirtio.bench.figures import Figure, LevelSkipped
 if TYPE_CHECKING:
     from pyvirtio.bench.suite import Settings
 
-__all__ = ["level_guest", "skip_reason", "find_image", "ping_rtts", "udp_pps", "rounds",
-           "seconds"]
+__all__ = [
+    "find_image",
+    "level_guest",
+    "ping_rtts",
+    "rounds",
+    "seconds",
+    "skip_reason",
+    "udp_pps",
+]
 
 log = logging.getLogger("pyvirtio.bench")
 

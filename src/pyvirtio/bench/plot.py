@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pyvirtio.bench.figures import Figure
 
-__all__ = ["PlotUnavailable", "INSTALL_HINT", "require_matplotlib", "ratio_range", "plot"]
+__all__ = ["INSTALL_HINT", "PlotUnavailable", "plot", "ratio_range", "require_matplotlib"]
 
 INSTALL_HINT = ("--plot needs matplotlib, an optional extra: pip install 'vqcore[plot]' "
                 "(or pip install matplotlib)")
@@ -53,6 +53,7 @@ def plot(figures: list[Figure], path: str, title: str = "pyvirtio bench") -> int
     fig, ax = plt.subplots(figsize=(11, height))
     for y, f in enumerate(rows):
         r = f.ratio
+        assert r is not None
         lo, hi = ratio_range(f) or (r, r)
         # from 1x to the ratio: better goes right, worse goes left
         ax.barh(y, r - 1.0, left=1.0, color=colours(levels.index(f.level) % 10))

@@ -8,13 +8,21 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any
 
 from pyvirtio.bench import engine
+from pyvirtio.bench.figures import (
+    SKIPPED,
+    Figure,
+    LevelSkipped,
+    Skip,
+    measure,
+    render,
+    skip,
+)
 from pyvirtio.bench.tap import level_tap
-from pyvirtio.bench.figures import (SKIPPED, Figure, LevelSkipped, Skip, measure, render,
-                                    skip)
 
 log = logging.getLogger("pyvirtio.bench")
 
@@ -53,8 +61,8 @@ class Settings:
 def level_engine(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
     """Device pop+push and driver add+reclaim, chains/s, vs the pure-Python model."""
     out = []
-    batches = (1, 32, 256)
-    lengths = (1, 4)
+    batches: tuple[int, ...] = (1, 32, 256)
+    lengths: tuple[int, ...] = (1, 4)
     if s.tiny:
         batches, lengths = (256,), (1,)
     for side, fn in (("device pop+push", engine.device_rate), ("driver add+reclaim", engine.driver_rate)):
@@ -97,8 +105,9 @@ def level_pingpong(s: Settings, progress: Callable[[str], None]) -> list[Figure]
     with ``s.ringtest`` also against that kernel ringtest binary."""
     out = []
     model = engine.implementation("model")
-    if s.ringtest:
-        name = os.path.basename(s.ringtest)
+    ringtest = s.ringtest
+    if ringtest:
+        name = os.path.basename(ringtest)
         for eventfd in (False, True):
             mode = "eventfd+event_idx" if eventfd else "busy-poll"
             f = Figure("pingpong", f"two threads, {mode}, C loops over the engine, vs ringtest",
@@ -109,7 +118,7 @@ def level_pingpong(s: Settings, progress: Callable[[str], None]) -> list[Figure]
                              "ring 256, batch 64"))
             try:
                 measure(f, lambda: engine.pingpong_c(s.pingpong_buffers, eventfd)["ns_per_buffer"],
-                        lambda: ringtest_ns(s.ringtest, s.pingpong_buffers, eventfd),
+                        lambda: ringtest_ns(ringtest, s.pingpong_buffers, eventfd),
                         s.repeats, progress)
             except (OSError, RuntimeError, ValueError) as exc:
                 skip("pingpong", f"ringtest {mode}", str(exc))
@@ -133,10 +142,10 @@ def level_pingpong(s: Settings, progress: Callable[[str], None]) -> list[Figure]
     return out
 
 
-from pyvirtio.bench import tap as _tap  # noqa: E402
-from pyvirtio.bench.guest import level_guest  # noqa: E402
-from pyvirtio.bench.packed import level_packed  # noqa: E402
-from pyvirtio.bench.vhost_user import level_vhost_user  # noqa: E402
+from pyvirtio.bench import tap as _tap
+from pyvirtio.bench.guest import level_guest
+from pyvirtio.bench.packed import level_packed
+from pyvirtio.bench.vhost_user import level_vhost_user
 
 LEVELS: dict[str, Callable[[Settings, Callable[[str], None]], list[Figure]]] = {
     "engine": level_engine,
@@ -165,7 +174,7 @@ def environment() -> dict:
     except OSError:
         pass
     from importlib import metadata
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("vqcore", "numpy", "pyroute2", "Cython", "matplotlib"):
         try:
             versions[pkg] = metadata.version(pkg)
@@ -258,7 +267,7 @@ def run(only: list[str] | None, settings: Settings, json_path: str | None = None
             figures += LEVELS[name](settings, level_progress)
         except LevelSkipped as exc:
             skip(name, "", str(exc))
-        except Exception as exc:  # noqa: BLE001 - one broken level must not hide the rest
+        except Exception as exc:
             log.exception("level %s failed", name)
             skip(name, "", f"FAILED: {type(exc).__name__}: {exc}")
         seconds[name] = round(time.monotonic() - t0, 1)
@@ -276,7 +285,7 @@ def run(only: list[str] | None, settings: Settings, json_path: str | None = None
 # the "vs vhost-net" section
 
 #: published figures the suite sets our measurements against (issues 4-6)
-PUBLISHED = {
+PUBLISHED: dict[str, Any] = {
     "vhost_net_gbps": (7.0, 8.0),
     "vhost_net_vs_userspace": 8.0,
     "vhost_net_latency_gain": 0.10,
@@ -369,6 +378,18 @@ def render_skipped(skipped: list[Skip]) -> str:
                                       f"{k.reason}" for k in skipped])
 
 
-__all__ = ["Settings", "LEVELS", "SKIP_CHECKS", "Report", "run", "render", "render_versus",
-           "render_skipped", "environment", "check_levels", "versus_vhost_net", "PUBLISHED",
-           "SCHEMA_VERSION"]
+__all__ = [
+    "LEVELS",
+    "PUBLISHED",
+    "SCHEMA_VERSION",
+    "SKIP_CHECKS",
+    "Report",
+    "Settings",
+    "check_levels",
+    "environment",
+    "render",
+    "render_skipped",
+    "render_versus",
+    "run",
+    "versus_vhost_net",
+]

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vqcore import netbench
 
@@ -62,9 +62,18 @@ if TYPE_CHECKING:
     from pyvirtio.bench.suite import Settings
 
 __all__ = [
-    "BackendProcess", "Sizes", "GSO_FRAME", "FRAME_SIZES", "PAIRS", "gso_frame",
-    "gso_header", "generate", "iperf3_rate", "level_vhost_user", "needs_root_reason",
+    "FRAME_SIZES",
+    "GSO_FRAME",
+    "PAIRS",
+    "BackendProcess",
+    "Sizes",
     "VhostUserBenchError",
+    "generate",
+    "gso_frame",
+    "gso_header",
+    "iperf3_rate",
+    "level_vhost_user",
+    "needs_root_reason",
 ]
 
 log = logging.getLogger("pyvirtio.bench")
@@ -288,8 +297,8 @@ def link_counters(ns: str, ifname: str) -> dict[str, int]:
 
 @contextlib.contextmanager
 def frontend(path: str, pairs: int, *, queue_size: int = QUEUE_SIZE,
-             tx_buffer: int = SMALL_SLOT, name: str = "bench", **kwargs: object
-             ) -> Iterator[object]:
+             tx_buffer: int = SMALL_SLOT, name: str = "bench", **kwargs: Any
+             ) -> Iterator[Any]:
     """A started :class:`VhostUserFrontend` on the back-end at ``path`` (closed after)."""
     from pyvirtio.vhost_user.frontend import VhostUserFrontend
     fe = VhostUserFrontend(pairs=pairs, queue_size=queue_size, tx_buffer=tx_buffer,
@@ -394,9 +403,10 @@ def _writev_threads(fds: Sequence[int], frame: bytes, frames: int) -> tuple[floa
         t.start()
     for t in threads:
         t.join()
-    if any(r is None for r in out):
+    done = [r for r in out if r is not None]
+    if len(done) != len(out):
         raise VhostUserBenchError("a writev thread failed")
-    return max(r[2] for r in out), sum(r[0] for r in out)
+    return max(r[2] for r in done), sum(r[0] for r in done)
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,15 +448,12 @@ class Iperf3Server:
 
     def __init__(self, ns: str, port: int = IPERF_PORT, log_path: Path | None = None) -> None:
         self.port = port
-        out = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        try:
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
             # `ip netns exec` execs iperf3: the pid is iperf3's
             self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-p",
                                           str(port)], stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
-        finally:
-            if log_path:
-                out.close()
         deadline = time.monotonic() + 30
         while not self._listening():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -602,7 +609,7 @@ class _Pvp:
 
     @contextlib.contextmanager
     def forwarding(self, pairs: int, *, queue_size: int = QUEUE_SIZE,
-                   rx_buffer: int | None = None) -> Iterator[object]:
+                   rx_buffer: int | None = None) -> Iterator[Any]:
         """Both ports connected (one shared memfd) and a both-ways forwarder on
         ``pairs`` pairs; the forwarder is yielded. ``rx_buffer``: RX buffer size
         (default: the front-end's choice, 1536 bytes with MRG_RXBUF)."""
@@ -688,7 +695,7 @@ def level_vhost_user(s: Settings, progress: Callable[[str], None]) -> list[Figur
                     continue
                 try:
                     figures += fn(s, n, sockdir, progress)
-                except Exception as exc:  # noqa: BLE001 - the other parts still run
+                except Exception as exc:  # the other parts still run
                     log.exception("vhost-user: %s failed", part)
                     skip("vhost-user", part, f"FAILED: {type(exc).__name__}: {exc}")
     finally:
