@@ -335,7 +335,7 @@ def versus_vhost_net(figures: list[Figure]) -> list[dict]:
     add("speed-up over QEMU's userspace virtio-net",
         f"vhost-net about {PUBLISHED['vhost_net_vs_userspace']:g}x userspace", g_tx,
         f"{ratio:.2f}x ours/userspace (TCP host -> guest, same TCG guest)" if ratio else "-",
-        "measured in the same run (the baseline of the guest level)",
+        "QEMU userspace TAP back-end: the guest level's baseline, same run",
         "partly: same guest, same QEMU, same run, but under TCG the guest CPU caps both "
         "back-ends, which squeezes any ratio towards 1x; the 8x was measured with KVM")
     if rtt is not None and rtt.ours and rtt.base:
@@ -365,7 +365,7 @@ def render_versus(rows: list[dict]) -> str:
         lines += [f"- {r['comparison']}",
                   f"    published:  {r['published']}",
                   f"    ours:       {r['ours']}",
-                  f"    measured:   {r['userspace_measured']}",
+                  f"    peer here:  {r['userspace_measured']}",
                   f"    like for like? {r['like_for_like']}"]
     return "\n".join(lines)
 
