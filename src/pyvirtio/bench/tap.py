@@ -55,7 +55,7 @@ from pyvirtio.bench.figures import Figure
 from pyvirtio.features import NetFeature
 from pyvirtio.net.ctrl import VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_OK
 from pyvirtio.net.device import GUEST_GSO, NetDevice
-from pyvirtio.net.driver import NetDriver
+from pyvirtio.net.driver import NetDriver, wait_used
 from pyvirtio.netns import NetNamespace, entered
 
 if TYPE_CHECKING:
@@ -388,16 +388,7 @@ class Guest:
     def _wait(self, kind: str, timeout: float) -> None:
         """Sleep until one of the pairs' ``"rx"`` or ``"tx"`` queues interrupts (unless
         used chains already wait there)."""
-        queues = (self.driver.rx if kind == "rx" else self.driver.tx)[:self.pairs]
-        for dq in queues:
-            if dq.queue.enable_interrupts():
-                return
-        ready, _, _ = select.select([dq.call_fd for dq in queues], [], [], timeout)
-        for fd in ready:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
+        wait_used((self.driver.rx if kind == "rx" else self.driver.tx)[:self.pairs], timeout)
 
     def worker_cpu_ns(self) -> tuple[int, int]:
         """(ns on a CPU, ns waiting for one) of the device's worker threads, summed."""

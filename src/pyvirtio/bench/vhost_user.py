@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
@@ -46,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +53,9 @@ from vqcore import netbench
 
 from pyvirtio.backends.tap import TUN_DEVICE, Tap
 from pyvirtio.bench.figures import Figure, skip
-from pyvirtio.bench.tap import OTHER_MAC, _quiet, thread_cpu_ns, tx_frame
+from pyvirtio.bench.tap import OTHER_MAC, Sample, _quiet, thread_cpu_ns, tx_frame
+from pyvirtio.guest.harness import iperf3_json
+from pyvirtio.net.driver import wait_used
 from pyvirtio.net.header import HDR_LEN
 from pyvirtio.netns import NetNamespace
 
@@ -311,34 +312,8 @@ def frontend(path: str, pairs: int, *, queue_size: int = QUEUE_SIZE,
         fe.close()
 
 
-def _wait_used(queues: Sequence, timeout: float) -> None:
-    """Sleep until one of ``queues`` (driver queues) interrupts, unless used chains
-    already wait."""
-    for dq in queues:
-        if dq.queue.enable_interrupts():
-            return
-    ready, _, _ = select.select([dq.call_fd for dq in queues], [], [], timeout)
-    for fd in ready:
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            pass
-
-
-@dataclass
-class GenSample:
-    """One generator run: ``frames`` the back-end used in ``seconds``."""
-    frames: int
-    seconds: float
-    info: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def pps(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else 0.0
-
-
 def generate(fe, frame: bytes, header: bytes, frames: int, *, spin: bool = False,
-             mark: Callable[[], object] | None = None) -> GenSample:
+             mark: Callable[[], object] | None = None) -> Sample:
     """Keep every TX ring of ``fe`` full of ``header + frame`` (pre-written slots
     re-added a chunk at a time: nothing per frame in Python) until about ``frames``
     chains came back, spread over the pairs. A warm-up of one ring per pair goes first
@@ -366,13 +341,13 @@ def generate(fe, frame: bytes, header: bytes, frames: int, *, spin: bool = False
                 break
             check(counts, goal)
             if not spin:
-                _wait_used(queues, 0.05)
+                wait_used(queues, 0.05)
         while any(dq.queue.in_flight for dq in queues):    # what is in flight comes back
             for p, i in enumerate(tx):
                 counts[p] += drv.replay(i, refill=False)
             check(counts, goal)
             if not spin and any(dq.queue.in_flight for dq in queues):
-                _wait_used(queues, 0.05)
+                wait_used(queues, 0.05)
 
     pump([0] * fe.pairs, min(per_pair, queues[0].slots))   # pages faulted, rings primed
     if mark is not None:
@@ -386,7 +361,7 @@ def generate(fe, frame: bytes, header: bytes, frames: int, *, spin: bool = False
     for i in tx:
         drv.replay_stop(i)
     total = sum(done)
-    return GenSample(total, t1 - t0, {"frontend_cpu_ns_per_frame": (cpu1 - cpu0) / max(total, 1)})
+    return Sample(total, t1 - t0, {"frontend_cpu_ns_per_frame": (cpu1 - cpu0) / max(total, 1)})
 
 
 def _writev_threads(fds: Sequence[int], frame: bytes, frames: int) -> tuple[float, int]:
@@ -428,13 +403,7 @@ def iperf3_rate(ns: str, address: str, seconds: int, *, udp: bool = False,
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     except subprocess.TimeoutExpired as exc:
         raise VhostUserBenchError(f"iperf3 to {address} did not end") from exc
-    try:
-        data = json.loads(proc.stdout)
-    except json.JSONDecodeError as exc:
-        raise VhostUserBenchError(f"iperf3 printed no JSON (rc={proc.returncode}): "
-                                  f"{proc.stderr[-300:]}") from exc
-    if "error" in data:
-        raise VhostUserBenchError(f"iperf3: {data['error']}")
+    data = iperf3_json(proc.stdout, proc.stderr, proc.returncode, VhostUserBenchError)
     end = data["end"]
     if udp:
         s = end["sum"]
@@ -635,6 +604,16 @@ class _Pvp:
             shm.close()
 
 
+def _tcp_and_udp(ns: str, address: str, seconds: int, tcp_streams: int, udp_streams: int,
+                 gbps: list[float], mpps: list[float]) -> None:
+    """One iperf3 TCP run (Gbit/s appended to ``gbps``), then one 64 B UDP run (Mpps
+    received appended to ``mpps``), from namespace ``ns`` to ``address``."""
+    bps, _ = iperf3_rate(ns, address, seconds, streams=tcp_streams)
+    gbps.append(bps / 1e9)
+    pps, _ = iperf3_rate(ns, address, seconds, udp=True, streams=udp_streams)
+    mpps.append(pps / 1e6)
+
+
 def part_pvp(s: Settings, n: Sizes, sockdir: str, progress: Callable[[str], None]
              ) -> list[Figure]:
     """PVP over TAP vs the veth pair: TCP Gbit/s (1 and 2 pairs) and 64 B UDP pps."""
@@ -651,21 +630,13 @@ def part_pvp(s: Settings, n: Sizes, sockdir: str, progress: Callable[[str], None
             per_path: list[float] = []
             for rep in range(n.pvp_repeats):
                 with pvp.forwarding(pairs) as fwd:
-                    bps, _ = iperf3_rate(pvp.ns_a.name, f"{PVP_NET}2", n.iperf_seconds,
-                                         streams=streams)
-                    tcp.samples.append(bps / 1e9)
-                    pps, _ = iperf3_rate(pvp.ns_a.name, f"{PVP_NET}2", n.iperf_seconds,
-                                         udp=True, streams=pairs)
-                    udp.samples.append(pps / 1e6)
+                    _tcp_and_udp(pvp.ns_a.name, f"{PVP_NET}2", n.iperf_seconds, streams,
+                                 pairs, tcp.samples, udp.samples)
                     stats = fwd.stats()
                     per_path = [row["a->b"].frames for row in stats]
                     big = [row["a->b"].bytes / max(row["a->b"].frames, 1) for row in stats]
-                bps, _ = iperf3_rate(pvp.ns_a.name, f"{VETH_NET}2", n.iperf_seconds,
-                                     streams=streams)
-                tcp.baseline_samples.append(bps / 1e9)
-                pps, _ = iperf3_rate(pvp.ns_a.name, f"{VETH_NET}2", n.iperf_seconds,
-                                     udp=True, streams=pairs)
-                udp.baseline_samples.append(pps / 1e6)
+                _tcp_and_udp(pvp.ns_a.name, f"{VETH_NET}2", n.iperf_seconds, streams,
+                             pairs, tcp.baseline_samples, udp.baseline_samples)
                 progress(f"vhost-user: PVP {tag} [{rep + 1}/{n.pvp_repeats}]")
             tcp.note += (f" [last run: frames A->B per pair {per_path}, mean bytes per "
                          f"forwarded frame {[round(b) for b in big]}]")

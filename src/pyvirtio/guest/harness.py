@@ -192,6 +192,21 @@ def _alive(proc: subprocess.Popen | None) -> bool:
     return proc is not None and proc.poll() is None
 
 
+class _Child:
+    """A process the harness started (``proc`` once started)."""
+
+    proc: subprocess.Popen | None = None
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.proc)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
 def _end_process(proc: subprocess.Popen, what: str, *, term_timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL after ``term_timeout``; reap. Only ``proc`` itself."""
     if proc.poll() is not None:
@@ -224,6 +239,20 @@ def _tcp_listening(pid: int, port: int) -> bool:
     return False
 
 
+def iperf3_json(stdout: str, stderr: str, rc: int,
+                error: type[Exception] = RuntimeError) -> dict:
+    """The JSON report of an ``iperf3 -J`` run; ``error`` when it printed none or
+    reports an error."""
+    try:
+        data = json.loads(stdout)
+    except json.JSONDecodeError as exc:
+        raise error(f"iperf3 printed no JSON (rc={rc}): {stdout[-300:]} "
+                    f"{stderr[-300:]}") from exc
+    if "error" in data:
+        raise error(f"iperf3: {data['error']}")
+    return data
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -232,7 +261,7 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class Qemu:
+class Qemu(_Child):
     """One QEMU process (started by :meth:`Testbed.boot`) and its console."""
 
     def __init__(self, argv: list[str], console: Path, log_path: Path, config: VmConfig,
@@ -256,15 +285,6 @@ class Qemu:
                                          stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
         log.info("QEMU pid %d: %s", self.proc.pid, shlex.join(self.argv))
-
-    @property
-    def alive(self) -> bool:
-        return _alive(self.proc)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def text(self) -> str:
         """The console so far."""
@@ -348,7 +368,7 @@ def backend_python() -> str:
     return os.environ.get("VQ_E2E_PYTHON") or sys.executable
 
 
-class Backend:
+class Backend(_Child):
     """``pyvirtio net`` started inside the namespace, serving ``socket_path``."""
 
     def __init__(self, netns: str, socket_path: Path, log_path: Path, *, tap: str,
@@ -359,15 +379,6 @@ class Backend:
         self.argv = [backend_python(), "-m", "pyvirtio", "net", "--socket-path",
                      str(socket_path), "--tap", tap, "--queues", str(queues), *extra]
         self.proc: subprocess.Popen | None = None
-
-    @property
-    def alive(self) -> bool:
-        return _alive(self.proc)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def start(self, timeout: float = BACKEND_START_TIMEOUT) -> None:
         """Start the backend and wait until it listens on its socket."""
@@ -863,14 +874,7 @@ class Testbed:
         if parallel > 1:
             argv += ["-P", str(parallel)]
         result = self.host(argv, timeout=timeout)
-        try:
-            data = json.loads(result.stdout)
-        except json.JSONDecodeError as exc:
-            raise HarnessError(f"iperf3 printed no JSON (rc={result.rc}): "
-                               f"{result.stdout[-500:]} {result.stderr[-500:]}") from exc
-        if "error" in data:
-            raise HarnessError(f"iperf3: {data['error']}")
-        return data
+        return iperf3_json(result.stdout, result.stderr, result.rc, HarnessError)
 
     def _tap_link(self) -> dict:
         """``ip -j -s link show vqtap0`` in the namespace."""

@@ -57,6 +57,20 @@ class DriverQueue:
         return self.buf_addr + token * self.slot_size
 
 
+def wait_used(queues: Sequence[DriverQueue], timeout: float) -> None:
+    """Sleep until one of ``queues`` interrupts (up to ``timeout`` seconds), unless used
+    chains already wait in one of them; interrupts stay enabled on return."""
+    for dq in queues:
+        if dq.queue.enable_interrupts():
+            return
+    ready, _, _ = select.select([dq.call_fd for dq in queues], [], [], timeout)
+    for fd in ready:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+
+
 @dataclass
 class Replay:
     """The load-generation fast path of one queue (:meth:`NetDriver.replay_start`):
