@@ -174,8 +174,8 @@ def test_a_failing_level_is_reported_and_the_others_run(monkeypatch):
 
 
 def test_ringtest_binary_is_measured_next_to_ours(tmp_path):
-    """--ringtest PATH: the binary runs with --run-cycles N (and --sleep for eventfd
-    mode) and is timed; a failing one is a skip with its output."""
+    """--ringtest PATH: the binary runs with --run-cycles N, our ring size and batch (and
+    --sleep for eventfd mode) and is timed; a failing one is a skip with its output."""
     fake = tmp_path / "ringtest"
     log = tmp_path / "args"
     fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nexit 0\n")
@@ -186,7 +186,8 @@ def test_ringtest_binary_is_measured_next_to_ours(tmp_path):
     assert rows[0].baseline == "kernel ringtest ringtest"
     calls = log.read_text().splitlines()
     n = Settings(tiny=True).pingpong_buffers
-    assert f"--run-cycles {n}" in calls and f"--run-cycles {n} --sleep" in calls
+    shape = f"--run-cycles {n} --ring-size {suite.PINGPONG_RING} --batch {suite.PINGPONG_BATCH}"
+    assert set(calls) == {shape, shape + " --sleep"}
     fake.write_text("#!/bin/sh\necho 'unknown option' >&2\nexit 3\n")
     rep = suite.run(["pingpong"], Settings(tiny=True, ringtest=str(fake)))
     assert not [f for f in rep.figures if "vs ringtest" in f.name]

@@ -85,12 +85,18 @@ def level_engine(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
     return out
 
 
+#: the ping-pong's shape on both sides of the ringtest comparison
+PINGPONG_BATCH, PINGPONG_RING = 64, 256
+
+
 def ringtest_ns(path: str, cycles: int, eventfd: bool, timeout: float = 300.0) -> float:
-    """ns per buffer of a kernel tools/virtio/ringtest binary: its wall time for
-    ``--run-cycles cycles`` (``--sleep``: eventfd mode) divided by the cycles.
-    :class:`RuntimeError` with its output when it fails."""
+    """ns per buffer of a kernel tools/virtio/ringtest binary (``bench/build-ringtest.sh``
+    builds one): its wall time for ``--run-cycles cycles`` with our ping-pong's ring size
+    and batch (``--sleep``: eventfd mode) divided by the cycles. :class:`RuntimeError`
+    with its output when it fails."""
     import subprocess
-    argv = [path, "--run-cycles", str(cycles)] + (["--sleep"] if eventfd else [])
+    argv = [path, "--run-cycles", str(cycles), "--ring-size", str(PINGPONG_RING),
+            "--batch", str(PINGPONG_BATCH)] + (["--sleep"] if eventfd else [])
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     t1 = time.perf_counter()
@@ -114,10 +120,12 @@ def level_pingpong(s: Settings, progress: Callable[[str], None]) -> list[Figure]
                        "ns/buffer", False, baseline=f"kernel ringtest {name}"
                                                      f"{' --sleep' if eventfd else ''}",
                        note=("ringtest timed as a whole process (thread start included) "
-                             "over --run-cycles buffers, its default ring and batch; ours: "
-                             "ring 256, batch 64"))
+                             f"over --run-cycles buffers; both sides ring {PINGPONG_RING}, "
+                             f"batch {PINGPONG_BATCH}"))
             try:
-                measure(f, lambda: engine.pingpong_c(s.pingpong_buffers, eventfd)["ns_per_buffer"],
+                measure(f, lambda: engine.pingpong_c(
+                            s.pingpong_buffers, eventfd, batch=PINGPONG_BATCH,
+                            size=PINGPONG_RING)["ns_per_buffer"],
                         lambda: ringtest_ns(ringtest, s.pingpong_buffers, eventfd),
                         s.repeats, progress)
             except (OSError, RuntimeError, ValueError) as exc:
