@@ -443,3 +443,45 @@ def test_race_free_driver_loop(event_idx):
     r.push()
     r.reclaim()
     assert r.got == r.sent - dev.pending()
+
+
+# ---- enable_notification_more: split and packed, engine and model ---------------------
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["evidx", "flags"])
+@pytest.mark.parametrize("which", ["engine", "model"])
+def test_enable_notification_more_kicks_on_the_next_buffer(ring_kind, make_guest, which,
+                                                           event_idx):
+    """A device that cannot use the buffers there (an RX ring with too little room for
+    the next frame) arms with enable_notification_more: the driver's next add must kick,
+    even though buffers were already pending. Plain enable_notification with event idx
+    asks for a kick at the first *unpopped* buffer, which the driver passed long ago: it
+    reports "work waits" instead, and the device would have to spin."""
+    from conftest import implementations
+    impl = implementations(ring_kind)[which]
+    g = make_guest(16, layout=ring_kind)
+    drv, dev = g.driver(impl, event_idx=event_idx), g.device(impl, event_idx=event_idx)
+
+    def add(n):
+        b = impl.ChainBatch(n)
+        for i in range(n):
+            b.append(writable=[(g.data_addr + 64 * i, 64)], token=i)
+        assert drv.add(b) == n
+
+    add(3)
+    assert drv.kick_needed()                 # notifications start enabled
+    dev.disable_notification()
+    add(2)                                   # 5 pending, never popped
+    if event_idx:
+        assert not drv.kick_needed()
+        assert dev.enable_notification()     # "work waits": the device would spin
+        add(1)
+        assert not drv.kick_needed()         # and no kick would wake it
+    dev.disable_notification()
+    add(1)
+    assert dev.enable_notification_more() is True
+    add(1)                                   # the next buffer beyond those there kicks
+    assert drv.kick_needed()
+    add(1)          # flags and packed (ENABLE) kick again; split event idx kicked once
+    assert drv.kick_needed() == (not event_idx or ring_kind == "packed")
+    batch = impl.ChainBatch(16)
+    assert dev.pop(batch) == (9 if event_idx else 8)   # nothing was lost

@@ -153,7 +153,7 @@ class QueuePairWorker(threading.Thread):
                 if not cfg.rx_enabled and self._fd_watched:
                     ep.modify(cfg.fd, 0)           # disabled RX: leave frames in the fd
                     self._fd_watched = False
-                elif (rx_kicked and cfg.rx_enabled and not self._fd_watched
+                elif ((rx_kicked or cfg.poll) and cfg.rx_enabled and not self._fd_watched
                       and not self._rx_dead):
                     ep.modify(cfg.fd, select.EPOLLIN)
                     self._fd_watched = True
@@ -201,9 +201,11 @@ class QueuePairWorker(threading.Thread):
             return False
         st = cfg.rx_stats
         batch = self._rx_batch
+        armed = False         # asked for a kick at the next buffer beyond those there
         try:
             for _ in range(BURSTS_PER_TURN):
-                cfg.rx.disable_notification()
+                if not armed:
+                    cfg.rx.disable_notification()
                 errors, no_room = st.errors, st.no_room
                 got = rx_burst(cfg.rx, batch, cfg.fd, st, cfg.rx_filter,
                                mrg_rxbuf=cfg.mrg_rxbuf, max_frame=cfg.max_frame,
@@ -215,12 +217,21 @@ class QueuePairWorker(threading.Thread):
                     return False
                 if st.tap_empty:
                     return False
+                if got:
+                    armed = False
                 if st.ring_empty:
                     if (st.no_room > no_room and batch is not self._rx_full
                             and cfg.rx.pending() >= batch.max_chains):
                         batch = self._rx_full     # small buffers: offer the whole ring
                         continue
-                    if cfg.rx.enable_notification():
+                    if st.no_room > no_room:
+                        # buffers wait but cannot hold the next frame: ask for a kick
+                        # at the next one the guest adds, look once more, then sleep
+                        # (enable_notification would say "work waits" and we would spin)
+                        if not armed:
+                            armed = cfg.rx.enable_notification_more()
+                            continue
+                    elif cfg.rx.enable_notification():
                         continue              # buffers arrived meanwhile
                     # no room: stop watching the fd until the guest adds buffers
                     ep.modify(cfg.fd, 0)

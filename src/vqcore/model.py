@@ -759,6 +759,19 @@ class SplitDeviceQueue(_SplitRing):
             self._write16(self._used_flags_addr(), self._used_flags)
         return self._read16(self._avail_idx_addr()) != self._last_avail
 
+    def enable_notification_more(self):
+        """Ask for a kick only beyond the buffers available now (avail_event at the
+        driver's index); True when armed."""
+        if not self._event_idx:
+            self.enable_notification()
+            return True
+        for _ in range(8):
+            seen = self._read16(self._avail_idx_addr())
+            self._write16(self._avail_event_addr(), seen)
+            if self._read16(self._avail_idx_addr()) == seen:
+                return True
+        return False
+
     def disable_notification(self):
         """Ask the driver not to kick (NO_NOTIFY; with event idx, a no-op)."""
         if not self._event_idx:

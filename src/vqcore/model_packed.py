@@ -450,6 +450,11 @@ class PackedDeviceQueue(_PackedRing):
             self._write_event_flags(self.used_addr, RING_EVENT_FLAGS_ENABLE)
         return self.pending() == 1
 
+    def enable_notification_more(self):
+        """Ask for a kick at any further available chain (ENABLE); always armed."""
+        self._write_event_flags(self.used_addr, RING_EVENT_FLAGS_ENABLE)
+        return True
+
     def disable_notification(self):
         """Ask the driver not to kick (DISABLE)."""
         self._write_event_flags(self.used_addr, RING_EVENT_FLAGS_DISABLE)

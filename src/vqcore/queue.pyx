@@ -125,6 +125,13 @@ cdef class DeviceQueue(QueueBase):
         again before sleeping)."""
         return bool(self.h.ops.enable_notification(self.h.q))
 
+    def enable_notification_more(self):
+        """Ask for a kick only when the driver adds buffers beyond those available now
+        (what is there cannot be used yet, e.g. too little room for the next frame).
+        Returns True when armed: look at the ring once more, then sleep until the kick;
+        False when the driver kept moving meanwhile: look again before sleeping."""
+        return bool(self.h.ops.enable_notification_more(self.h.q))
+
     def disable_notification(self):
         """Ask the driver not to kick."""
         self.h.ops.disable_notification(self.h.q)

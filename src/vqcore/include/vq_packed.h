@@ -307,6 +307,16 @@ static inline int vq_packed_enable_notification(struct vq_packed_dev *q)
     return vq_pdesc_is_avail(vq_pdesc_flags_acquire(&q->desc[q->next_avail]), q->avail_wrap);
 }
 
+/* Ask for a kick when the driver makes any more descriptors available (see
+ * vq_split_enable_notification_more): ENABLE mode, since a DESC offset would need the
+ * position after the last available chain. Always armed. */
+static inline int vq_packed_enable_notification_more(struct vq_packed_dev *q)
+{
+    vq_store_relaxed16(&q->device_event->flags, RING_EVENT_FLAGS_ENABLE);
+    vq_fence_seq_cst();
+    return 1;
+}
+
 static inline void vq_packed_disable_notification(struct vq_packed_dev *q)
 {
     vq_store_relaxed16(&q->device_event->flags, RING_EVENT_FLAGS_DISABLE);

@@ -161,6 +161,27 @@ static inline int vq_split_enable_notification(struct vq_split_dev *q)
     return vq_load_acquire16(&q->avail->idx) != q->last_avail;
 }
 
+/* Ask for a kick only when the driver makes buffers available beyond those there now
+ * (the device cannot use what is there: too little room for the next frame). Returns 1
+ * when armed: the caller looks at the ring once more (what arrived before this call is
+ * seen then) and may sleep; anything added later kicks. Returns 0 when the driver kept
+ * moving the index while we armed (bounded: a guest cannot hold us here): look again. */
+static inline int vq_split_enable_notification_more(struct vq_split_dev *q)
+{
+    if (!q->event_idx) {
+        vq_split_enable_notification(q);
+        return 1;
+    }
+    for (int tries = 0; tries < 8; tries++) {
+        uint16_t seen = vq_load_acquire16(&q->avail->idx);
+        vq_store_relaxed16(vq_avail_event(q->used, q->size), seen);
+        vq_fence_seq_cst();
+        if (vq_load_acquire16(&q->avail->idx) == seen)
+            return 1;
+    }
+    return 0;
+}
+
 static inline void vq_split_disable_notification(struct vq_split_dev *q)
 {
     if (!q->event_idx) {
