@@ -54,7 +54,7 @@ from vqcore import netbench
 from pyvirtio.backends.tap import TUN_DEVICE, Tap
 from pyvirtio.bench.figures import Figure, skip
 from pyvirtio.bench.tap import OTHER_MAC, Sample, _quiet, thread_cpu_ns, tx_frame
-from pyvirtio.guest.harness import iperf3_json
+from pyvirtio.guest.harness import iperf3_json, wait_while_running
 from pyvirtio.net.driver import wait_used
 from pyvirtio.net.header import HDR_LEN
 from pyvirtio.netns import NetNamespace
@@ -231,15 +231,9 @@ class BackendProcess:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + BACKEND_START
-            while not os.path.exists(self.path):
-                if self.proc.poll() is not None:
-                    raise VhostUserBenchError(f"pyvirtio net exited ({self.proc.returncode})"
-                                              f": {self.tail()}")
-                if time.monotonic() > deadline:
-                    raise VhostUserBenchError(f"pyvirtio net did not listen within "
-                                              f"{BACKEND_START:.0f} s: {self.tail()}")
-                time.sleep(0.02)
+            wait_while_running(self.proc, lambda: os.path.exists(self.path), BACKEND_START,
+                               f"pyvirtio net listening on {self.path}", VhostUserBenchError,
+                               self.tail)
         except BaseException:
             self.stop()
             raise

@@ -47,7 +47,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from pyvirtio import netns as _netns
 
@@ -253,6 +253,21 @@ def iperf3_json(stdout: str, stderr: str, rc: int,
     return data
 
 
+def wait_while_running(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float,
+                       what: str, error: type[Exception],
+                       detail: Callable[[], str] = lambda: "") -> None:
+    """Poll ``ready`` until it holds; ``error`` (with ``detail()``) when ``proc`` exits
+    first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise error(f"{what}: the process exited (rc={proc.returncode}) first\n"
+                        f"{detail()}")
+        if time.monotonic() > deadline:
+            raise error(f"{what}: not within {timeout:.0f} s\n{detail()}")
+        time.sleep(0.02)
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -391,15 +406,9 @@ class Backend(_Child):
             self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *self.argv],
                                          stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not self._listening():
-            if not self.alive:
-                raise BackendFailed(f"pyvirtio net exited (rc={self.proc.returncode}) "
-                                    f"before listening\n{_tail(self.log_path)}")
-            if time.monotonic() > deadline:
-                raise BackendFailed(f"pyvirtio net not listening on {self.socket_path} "
-                                    f"after {timeout:.0f} s\n{_tail(self.log_path)}")
-            time.sleep(0.05)
+        wait_while_running(self.proc, self._listening, timeout,
+                           f"pyvirtio net listening on {self.socket_path}", BackendFailed,
+                           lambda: _tail(self.log_path))
         log.info("backend pid %d listening on %s", self.pid, self.socket_path)
 
     def _listening(self) -> bool:
