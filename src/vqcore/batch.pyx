@@ -14,7 +14,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from libc.stdint cimport uintptr_t
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 
 from vqcore.errors import BatchTooSmall, InvalidChain
 
@@ -232,42 +232,70 @@ cdef class ChainBatch:
         """Fill the batch at once from arrays (the fast way to build a driver batch).
 
         ``seg_addr``/``seg_len``: per segment; ``seg_count``/``readable_count``/
-        ``tokens``: per chain.
+        ``tokens``: per chain. Everything is checked before the batch is touched: on an
+        error it keeps what it held.
         """
-        addr = np.ascontiguousarray(seg_addr, np.uint64)
-        ln = np.ascontiguousarray(seg_len, np.uint64)
-        cnt = np.ascontiguousarray(seg_count, np.uint32)
-        nrd = np.ascontiguousarray(readable_count, np.uint32)
-        tok = np.ascontiguousarray(tokens, np.uint64)
-        nchains = cnt.shape[0]
-        nseg = addr.shape[0]
+        cdef const uint64_t[::1] addr = np.ascontiguousarray(seg_addr, np.uint64)
+        cdef const uint64_t[::1] ln = np.ascontiguousarray(seg_len, np.uint64)
+        cdef const uint32_t[::1] cnt = np.ascontiguousarray(seg_count, np.uint32)
+        cdef const uint32_t[::1] nrd = np.ascontiguousarray(readable_count, np.uint32)
+        cdef const uint64_t[::1] tok = np.ascontiguousarray(tokens, np.uint64)
+        cdef Py_ssize_t nchains = cnt.shape[0], nseg = addr.shape[0]
+        cdef Py_ssize_t i, k, pos
+        cdef uint64_t total = 0, rb, wb
+        cdef uint64_t max_len = 0xFFFFFFFFu
+        cdef bint bad_chain = False, too_long = False
         if ln.shape[0] != nseg or nrd.shape[0] != nchains or tok.shape[0] != nchains:
             raise ValueError("array lengths do not match")
-        if int(cnt.sum()) != nseg:
+        with nogil:
+            for i in range(nchains):
+                total += cnt[i]
+                if cnt[i] == 0 or nrd[i] > cnt[i]:
+                    bad_chain = True
+        if total != <uint64_t>nseg:
             raise ValueError("seg_count does not add up to the number of segments")
         if nchains > self.b.max_chains or nseg > self.b.max_segs:
             raise BatchTooSmall(f"{nchains} chains / {nseg} segments exceed the batch", code=-21)
-        if np.any(cnt == 0) or np.any(nrd > cnt):
+        if bad_chain:
             raise InvalidChain("each chain needs >= 1 segment and readable_count <= seg_count")
-        starts = np.zeros(nchains + 1, np.uint64)
-        np.cumsum(cnt, out=starts[1:])
-        writable = np.arange(nseg, dtype=np.uint64) >= np.repeat(starts[:-1] + nrd, cnt)
-        wsum = np.add.reduceat(np.where(writable, ln, 0), starts[:-1].astype(np.intp)) if nseg else np.zeros(0)
-        rsum = np.add.reduceat(np.where(writable, 0, ln), starts[:-1].astype(np.intp)) if nseg else np.zeros(0)
-        if nchains and (wsum.max() > 0xFFFFFFFF or rsum.max() > 0xFFFFFFFF):
+        with nogil:
+            pos = 0
+            for i in range(nchains):
+                rb = wb = 0
+                for k in range(pos, pos + cnt[i]):
+                    if k - pos < nrd[i]:
+                        rb += ln[k]
+                    else:
+                        wb += ln[k]
+                    if rb > max_len or wb > max_len:
+                        too_long = True
+                pos += cnt[i]
+        if too_long:
             raise InvalidChain("chain longer than 2**32-1 bytes")
-        self._seg_gpa[:nseg] = addr
-        self._iov[:nseg, 0] = 0
-        self._iov[:nseg, 1] = ln
-        self._seg_start[:nchains + 1] = starts
-        self._nread[:nchains] = nrd
-        self._rbytes[:nchains] = rsum
-        self._wbytes[:nchains] = wsum
-        self._token[:nchains] = tok
-        self._head[:nchains] = 0
-        self._used_len[:nchains] = 0
-        self.b.count = nchains
-        self.b.nseg = nseg
+        cdef vq_batch *b = &self.b
+        with nogil:
+            pos = 0
+            for i in range(nchains):
+                b.seg_start[i] = <uint32_t>pos
+                b.nread[i] = nrd[i]
+                b.token[i] = tok[i]
+                b.head[i] = 0
+                b.used_len[i] = 0
+                rb = wb = 0
+                for k in range(pos, pos + cnt[i]):
+                    b.seg_gpa[k] = addr[k]
+                    b.iov[k].iov_base = NULL
+                    b.iov[k].iov_len = ln[k]
+                    if k - pos < nrd[i]:
+                        rb += ln[k]
+                    else:
+                        wb += ln[k]
+                b.rbytes[i] = <uint32_t>rb
+                b.wbytes[i] = <uint32_t>wb
+                pos += cnt[i]
+            b.seg_start[nchains] = <uint32_t>pos
+            b.count = <uint32_t>nchains
+            b.nseg = <uint32_t>nseg
 
     def __repr__(self):
         return f"<ChainBatch {self.b.count}/{self.b.max_chains} chains, {self.b.nseg}/{self.b.max_segs} segments>"
