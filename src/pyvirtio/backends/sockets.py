@@ -53,6 +53,11 @@ class SocketBackend:
         return tuple(s.fileno() for s in self._socks)
 
     @property
+    def tx_fds(self) -> Sequence[int]:
+        """Where TX frames go: the sockets themselves (a subclass may say otherwise)."""
+        return self.fds
+
+    @property
     def queues(self) -> int:
         """How many queue pairs the backend serves."""
         return len(self._socks)

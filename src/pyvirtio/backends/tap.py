@@ -621,6 +621,11 @@ class Tap:
         return tuple(self._fds)
 
     @property
+    def tx_fds(self) -> tuple[int, ...]:
+        """Where TX frames go: the queue fds themselves."""
+        return self.fds
+
+    @property
     def queues(self) -> int:
         """How many queue fds were opened."""
         return len(self._fds)

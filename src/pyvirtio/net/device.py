@@ -14,7 +14,6 @@ import select
 import threading
 from typing import Protocol, Sequence
 
-import vqcore
 from vqcore.net import NetRxFilter, NetStats
 
 from pyvirtio.device import VirtioDevice
@@ -50,14 +49,16 @@ CTRL_FEATURES = (NetFeature.CTRL_VQ | NetFeature.CTRL_RX | NetFeature.CTRL_RX_EX
 
 class PacketBackend(Protocol):
     """Where frames go: one non-blocking fd per queue pair carrying frames with a
-    12-byte virtio-net header (a TAP opened with IFF_VNET_HDR, a socketpair, ...).
-
-    A backend may also have ``tx_fds``, one per pair, where TX frames go instead of
-    ``fds`` (the sink's :data:`vqcore.net.DISCARD_FD`: consumed with no syscall)."""
+    12-byte virtio-net header (a TAP opened with IFF_VNET_HDR, a socketpair, ...)."""
 
     @property
     def fds(self) -> Sequence[int]:
         """One fd per queue pair."""
+
+    @property
+    def tx_fds(self) -> Sequence[int]:
+        """Where each pair's TX frames go: ``fds`` itself, or the sink's
+        :data:`vqcore.net.DISCARD_FD` (consumed with no syscall)."""
 
     def set_offloads(self, features: int) -> int:
         """Enable the offloads matching the guest features; returns what was set."""
@@ -293,7 +294,7 @@ class NetDevice(VirtioDevice):
         rx_stats, tx_stats = self._pair_stats[pair]
         cfg = QueuePairConfig(
             index=pair, rx=rx, tx=tx, fd=self.backend.fds[pair],
-            tx_fd=getattr(self.backend, "tx_fds", self.backend.fds)[pair],
+            tx_fd=self.backend.tx_fds[pair],
             rx_kick=self.kick_fds[self.rx_index(pair)], tx_kick=self.kick_fds[self.tx_index(pair)],
             rx_call=self.call_fds[self.rx_index(pair)], tx_call=self.call_fds[self.tx_index(pair)],
             rx_filter=self.rx_filter,

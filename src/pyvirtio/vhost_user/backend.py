@@ -73,6 +73,7 @@ from typing import Callable
 import numpy as np
 
 import vqcore
+from vqcore.packed import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
 from vqcore import GuestMemory
 from vqcore.errors import MemoryRegionError, VirtioError
 
@@ -131,10 +132,6 @@ EXPLICIT_REPLY = frozenset({Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES,
 #: features whose change would re-lay out a running ring
 RING_LAYOUT_FEATURES = int(Transport.RING_PACKED | Transport.EVENT_IDX)
 
-#: packed descriptor flags (VIRTQ_DESC_F_AVAIL / VIRTQ_DESC_F_USED)
-_DESC_F_AVAIL = 1 << 7
-_DESC_F_USED = 1 << 15
-
 #: SET_CONFIG flags (VHOST_SET_CONFIG_TYPE_*)
 CONFIG_TYPE_FRONTEND = 0
 CONFIG_TYPE_MIGRATION = 1
@@ -158,18 +155,22 @@ def packed_slot_state(flags: int, wrap: int) -> str:
     ``wrap``: "avail" (made available for this lap), "used" (a used element of this lap),
     "old" (a used element of the previous lap, or a never written zero slot at the
     start) or "next" (made available for the next lap)."""
-    a, u = bool(flags & _DESC_F_AVAIL), bool(flags & _DESC_F_USED)
+    a, u = bool(flags & VIRTQ_DESC_F_AVAIL), bool(flags & VIRTQ_DESC_F_USED)
     if a == u:
         return "used" if a == bool(wrap) else "old"
     return "avail" if a == bool(wrap) else "next"
 
 
+def _avail_used_bits(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The AVAIL and USED bits (0/1) of an array of packed descriptor flags."""
+    flags = np.asarray(flags, dtype=np.uint16)
+    return (flags & VIRTQ_DESC_F_AVAIL) != 0, (flags & VIRTQ_DESC_F_USED) != 0
+
+
 def packed_ring_is_fresh(flags: np.ndarray) -> bool:
     """Whether a packed ring's flags are those of a ring no device used yet: slots made
     available for the first lap (wrap counter 1) from slot 0 on, the rest zero."""
-    flags = np.asarray(flags, dtype=np.uint16)
-    a = (flags >> 7) & 1
-    u = (flags >> 15) & 1
+    a, u = _avail_used_bits(flags)
     return bool(not u.any() and np.all(np.diff(a.astype(np.int8)) <= 0))
 
 
@@ -185,12 +186,9 @@ def packed_ring_position(flags: np.ndarray) -> int | None:
     wrap counter for which the ring reads so decides P; both must agree if both do.
     A chain of several descriptors leaves slots that break the order: None.
     """
-    flags = np.asarray(flags, dtype=np.uint16)
-    size = len(flags)
-    if size == 0:
+    if len(flags) == 0:
         return None
-    a = (flags >> 7) & 1
-    u = (flags >> 15) & 1
+    a, u = _avail_used_bits(flags)
     used = a == u
     found = set()
     for w in (0, 1):
