@@ -212,7 +212,7 @@ def test_rx_frames_arrive_byte_exact(pair, size):
 
 def test_rx_mergeable_buffers_span_chains(pair):
     g = Guest()
-    addrs = g.post_rx(32, 1536)
+    g.post_rx(32, 1536)
     big = frame(4000, 3)
     pair[1].send(bytes(HDR) + big)
     pair[1].send(bytes(HDR) + frame(100, 4))

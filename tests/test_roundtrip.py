@@ -717,7 +717,7 @@ def test_save_restore_mid_stream(event_idx, rewind):
 def test_pop_smaller_than_pending_then_partial_and_out_of_order_push():
     size = 16
     sr = SeqRing(size, False)
-    rig, dev, drv = sr.rig, sr.rig.dev, sr.rig.drv
+    dev, drv = sr.rig.dev, sr.rig.drv
     sr.add(8)                               # 8 chains of 2 descriptors: ring full
     assert drv.num_free == 0
     assert dev.pending() == 8

@@ -225,7 +225,7 @@ def fast_gil_switch():
     old = sys.getswitchinterval()
     sys.setswitchinterval(0.005)
     yield
-    sys.setswitchinterval(0.005)
+    sys.setswitchinterval(old)
 
 
 @pytest.mark.parametrize("mode", ["busy-poll", "eventfd"])
