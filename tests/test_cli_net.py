@@ -69,6 +69,9 @@ BAD_ARGS = [
     (["--fd", "987", "--sink"], "fd 987 is not open"),
     (["--fd", "@FILE", "--sink"], "is not a socket"),
     (["@SOCK", "--sink", "--message-timeout", "0"], "--message-timeout must be positive"),
+    (["@SOCK", "--sink", "--tx-coalesce-us", "-1"], "--tx-coalesce-us -1: must be 0..10000"),
+    (["@SOCK", "--sink", "--tx-coalesce-us", "10001"], "--tx-coalesce-us 10001: must be 0..10000"),
+    (["@SOCK", "--sink", "--tx-coalesce-us", "1e3"], "invalid int value: '1e3'"),
 ]
 
 

@@ -485,3 +485,61 @@ def test_enable_notification_more_kicks_on_the_next_buffer(ring_kind, make_guest
     assert drv.kick_needed() == (not event_idx or ring_kind == "packed")
     batch = impl.ChainBatch(16)
     assert dev.pop(batch) == (9 if event_idx else 8)   # nothing was lost
+
+
+# ---- enable_notification_after: coalesced kicks, split and packed, engine and model ---
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["evidx", "flags"])
+@pytest.mark.parametrize("which", ["engine", "model"])
+def test_enable_notification_after_kicks_once_n_wait(ring_kind, make_guest, which, event_idx):
+    """A device coalescing kicks (its TX worker after a drain) asks for the next kick only
+    once n chains wait: the driver's first n-1 adds do not kick, the n-th does (with
+    event idx; without it nothing kicks and the device's timer collects them). Round
+    after round across the ring's wrap (packed: the wrap counter of the event slot),
+    nothing is lost, and the return value says when n already wait."""
+    from conftest import implementations
+    impl = implementations(ring_kind)[which]
+    size, n = 16, 5
+    g = make_guest(size, layout=ring_kind)
+    drv, dev = g.driver(impl, event_idx=event_idx), g.device(impl, event_idx=event_idx)
+    popped, reclaim = impl.ChainBatch(size), impl.ChainBatch(size)
+    token = 0
+
+    def add(k):
+        nonlocal token
+        b = impl.ChainBatch(k)
+        for _ in range(k):
+            b.append(writable=[(g.data_addr + 64 * (token % size), 64)], token=token)
+            token += 1
+        assert drv.add(b) == k
+
+    for rnd in range(7):                       # 35 chains through a 16-slot ring
+        assert dev.enable_notification_after(n) is False, rnd
+        for i in range(n - 1):
+            add(1)
+            assert not drv.kick_needed(), (rnd, i)
+        assert dev.enable_notification_after(n) is False
+        assert dev.enable_notification_after(n - 1) is True     # n-1 wait already
+        assert dev.enable_notification_after(n) is False        # re-armed at n
+        add(1)
+        assert drv.kick_needed() == event_idx, rnd
+        assert dev.enable_notification_after(n) is True
+        assert dev.pop(popped) == n
+        dev.push_used(popped)
+        assert drv.reclaim(reclaim) == n
+    # n = 1 is enable_notification: the next add kicks, flags or event idx
+    assert dev.enable_notification_after(1) is False
+    add(1)
+    assert drv.kick_needed()
+    assert dev.pop(popped) == 1
+    dev.push_used(popped)
+    assert drv.reclaim(reclaim) == 1
+    # beyond the ring: clamped to its size, a full ring kicks (event idx)
+    dev.disable_notification()
+    assert dev.enable_notification_after(10 * size) is False
+    add(size - 1)
+    assert not drv.kick_needed()
+    add(1)
+    assert drv.kick_needed() == event_idx
+    assert dev.enable_notification_after(10 * size) is True
+    assert dev.pop(popped) == size

@@ -88,6 +88,7 @@ def _check_net(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Validate ``pyvirtio net`` arguments beyond argparse (exits 2 on an error)."""
     from pyvirtio import netns
     from pyvirtio.backends.tap import MAX_TAP_QUEUES, TapError, check_ifname
+    from pyvirtio.runtime import MAX_TX_COALESCE_US
     from pyvirtio.vhost_user.backend import MAX_QUEUE_PAIRS, MTU_MAX, MTU_MIN
     from pyvirtio.vhost_user.server import ServerError, check_socket_fd, check_socket_path
 
@@ -105,6 +106,8 @@ def _check_net(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--mtu {args.mtu}: must be {MTU_MIN}..{mtu_max}")
     if args.message_timeout <= 0:
         parser.error("--message-timeout must be positive")
+    if not 0 <= args.tx_coalesce_us <= MAX_TX_COALESCE_US:
+        parser.error(f"--tx-coalesce-us {args.tx_coalesce_us}: must be 0..{MAX_TX_COALESCE_US}")
     if args.tap is not None:
         try:
             check_ifname(args.tap)
@@ -164,7 +167,8 @@ def _net(args: argparse.Namespace) -> int:
         packet = _open_packet_end(args)
         backend = VhostUserNetBackend(packet, queues=args.queues, mac=args.mac,
                                       mtu=args.mtu if args.mtu is not None else 1500,
-                                      poll=args.poll, packed=not args.no_packed)
+                                      poll=args.poll, packed=not args.no_packed,
+                                      tx_coalesce_us=args.tx_coalesce_us)
         state["backend"] = backend
         server = VhostUserServer(backend, socket_path=args.socket_path, fd=args.fd,
                                  message_timeout=args.message_timeout)
@@ -188,6 +192,8 @@ def _net(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pyvirtio.runtime import TX_COALESCE_US
+
     p = argparse.ArgumentParser(prog="pyvirtio", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -232,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the MTU given to the guest (and set on the TAP); default 1500")
     n.add_argument("--poll", action="store_true",
                    help="busy-poll the rings (one core per queue pair)")
+    n.add_argument("--tx-coalesce-us", type=int, default=TX_COALESCE_US, metavar="US",
+                   help="TX kick coalescing: after a drain in a stream, ask the guest for "
+                        "its next kick only once a quarter ring waits, and look again "
+                        f"after at most US microseconds (default {TX_COALESCE_US}; 0: off)")
     n.add_argument("--no-packed", action="store_true",
                    help="do not offer VIRTIO_F_RING_PACKED (packed rings are offered by "
                         "default; the guest still chooses)")

@@ -6,11 +6,22 @@ drain again if something arrived meanwhile; only then sleep. When the guest has 
 buffers the worker stops watching the packet fd (the frames wait in the TAP's own
 queue) until the guest kicks the RX queue. With ``poll=True`` the worker never sleeps
 (busy-poll: the lowest latency and the highest rate, one core spent).
+
+TX kick coalescing: a kick costs a guest vCPU an exit (under TCG, and through QEMU's
+BQL, far more than the frame itself), and a worker that answers every kick at once
+drains one or two frames per kick. So after a drain that moved frames in a stream (two
+or more, and no RX traffic in the last :data:`RX_QUIET` seconds, which would mean
+request/response traffic whose replies must not wait), the worker asks for the next
+kick only once a quarter of the ring waits (event index set ahead:
+``enable_notification_after``) and looks at the ring again after ``tx_coalesce_us``
+anyway, whichever comes first. Like QEMU's ``tx=timer`` but bounded by a count too, and
+like vhost-net's busy-loop but sleeping. ``tx_coalesce_us=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import threading
@@ -33,6 +44,23 @@ BURSTS_PER_TURN = 16
 #: with room for one 64 KiB frame ahead in 1536-byte buffers. A guest whose buffers
 #: that many chains cannot fill gets its whole ring popped (see _serve_rx).
 RX_POP = 256
+#: TX kick coalescing (see above): the default wait, in microseconds
+TX_COALESCE_US = 100
+#: ... after a drain of at least this many frames ...
+TX_COALESCE_MIN = 2
+#: ... with no RX frame for this long (seconds)
+RX_QUIET = 0.001
+#: the largest wait accepted (a frame held longer would look like a lost one)
+MAX_TX_COALESCE_US = 10_000
+
+
+def _wait(ep: select.epoll, timeout: float) -> list[tuple[int, int]]:
+    """``ep.poll(timeout)``, but a short timeout is kept to the microsecond
+    (epoll_wait counts whole milliseconds): select() on the epoll fd itself."""
+    if 0 < timeout < 0.002 and ep.fileno() < 1024:
+        ready, _, _ = select.select([ep.fileno()], [], [], timeout)
+        return ep.poll(0) if ready else []
+    return ep.poll(timeout)
 
 
 def drain_eventfd(fd: int) -> int:
@@ -62,6 +90,8 @@ class QueuePairConfig:
     hdr_len: int = 12
     poll: bool = False
     burst: int = 256
+    #: TX kick coalescing: longest wait for more frames after a drain (0: off)
+    tx_coalesce_us: int = TX_COALESCE_US
     #: a started but disabled ring (vhost-user): TX is discarded, RX supplies nothing
     rx_enabled: bool = True
     tx_enabled: bool = True
@@ -87,6 +117,13 @@ class QueuePairWorker(threading.Thread):
         self._rx_dead = cfg.rx is None
         self._tx_dead = cfg.tx is None
         self._fd_watched = True
+        #: TX notifications held off until this time.monotonic() (see _serve_tx)
+        self._tx_hold: float | None = None
+        #: time.monotonic() when RX last moved a frame
+        self._rx_last = -math.inf
+        #: with kick coalescing: the wait (s) and the chains a coalesced kick asks for
+        self._coalesce = max(0, cfg.tx_coalesce_us) * 1e-6
+        self._coalesce_kick = max(TX_COALESCE_MIN, tx_size // 4)
         self.error: BaseException | None = None
 
     # ---- control ------------------------------------------------------------------------
@@ -137,7 +174,9 @@ class QueuePairWorker(threading.Thread):
             while not self._stopping:   # a worker stopped meanwhile would be lost
                 timeout = 0 if (cfg.poll or first) else -1
                 first = False
-                events = ep.poll(timeout)
+                if timeout < 0 and self._tx_hold is not None:
+                    timeout = max(0.0, self._tx_hold - time.monotonic())
+                events = _wait(ep, timeout)
                 rx_kicked = False
                 for fd, _ in events:
                     if fd == cfg.rx_kick:
@@ -182,13 +221,24 @@ class QueuePairWorker(threading.Thread):
         if self._tx_dead:
             return False
         tx_fd = cfg.fd if cfg.tx_fd is None else cfg.tx_fd
+        moved = 0
         try:
             for _ in range(BURSTS_PER_TURN):
                 cfg.tx.disable_notification()
-                tx_burst(cfg.tx, self._tx_batch, tx_fd if cfg.tx_enabled else -1,
-                         cfg.tx_stats, hdr_len=cfg.hdr_len, call_fd=cfg.tx_call)
-                if cfg.tx_stats.ring_empty and not cfg.tx.enable_notification():
-                    return False
+                moved += tx_burst(cfg.tx, self._tx_batch, tx_fd if cfg.tx_enabled else -1,
+                                  cfg.tx_stats, hdr_len=cfg.hdr_len, call_fd=cfg.tx_call)
+                if cfg.tx_stats.ring_empty:
+                    if (self._coalesce and moved >= TX_COALESCE_MIN and not cfg.poll
+                            and time.monotonic() - self._rx_last > RX_QUIET):
+                        # a stream: the next kick once a quarter ring waits, or a look
+                        # after the wait, whichever comes first
+                        if cfg.tx.enable_notification_after(self._coalesce_kick):
+                            continue
+                        self._tx_hold = time.monotonic() + self._coalesce
+                        return False
+                    self._tx_hold = None
+                    if not cfg.tx.enable_notification():
+                        return False
             return True
         except (RingViolation, QueueBroken) as exc:
             self._violation("tx", exc)
@@ -219,6 +269,7 @@ class QueuePairWorker(threading.Thread):
                     return False
                 if got:
                     armed = False
+                    self._rx_last = time.monotonic()
                 if st.ring_empty:
                     if (st.no_room > no_room and batch is not self._rx_full
                             and cfg.rx.pending() >= batch.max_chains):

@@ -772,6 +772,18 @@ class SplitDeviceQueue(_SplitRing):
                 return True
         return False
 
+    def enable_notification_after(self, n):
+        """Ask for a kick only once ``n`` chains wait (avail_event n-1 past ours; no
+        event idx: notifications stay disabled); True when they already wait."""
+        n = min(_uint(n, 32, "n"), self.size)
+        if n <= 1:
+            return self.enable_notification()
+        if self._event_idx:
+            self._write16(self._avail_event_addr(), (self._last_avail + n - 1) & 0xFFFF)
+        else:
+            self.disable_notification()
+        return (self._read16(self._avail_idx_addr()) - self._last_avail) & 0xFFFF >= n
+
     def disable_notification(self):
         """Ask the driver not to kick (NO_NOTIFY; with event idx, a no-op)."""
         if not self._event_idx:

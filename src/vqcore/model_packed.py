@@ -455,6 +455,21 @@ class PackedDeviceQueue(_PackedRing):
         self._write_event_flags(self.used_addr, RING_EVENT_FLAGS_ENABLE)
         return True
 
+    def enable_notification_after(self, n):
+        """Ask for a kick only once the slot ``n``-1 past ours is available (DESC; no
+        event idx: DISABLE); True when it already is."""
+        n = min(_model._uint(n, 32, "n"), self.size)
+        if n <= 1:
+            return self.enable_notification()
+        pos, wrap = self._next_avail + n - 1, self._avail_wrap
+        if pos >= self.size:
+            pos, wrap = pos - self.size, wrap ^ 1
+        if self._event_idx:
+            self._write_event(self.used_addr, pos, wrap, RING_EVENT_FLAGS_DESC)
+        else:
+            self._write_event_flags(self.used_addr, RING_EVENT_FLAGS_DISABLE)
+        return is_avail(self._read_flags(pos), wrap)
+
     def disable_notification(self):
         """Ask the driver not to kick (DISABLE)."""
         self._write_event_flags(self.used_addr, RING_EVENT_FLAGS_DISABLE)

@@ -15,6 +15,7 @@ cdef extern from "vq_queue.h" nogil:
         void (*disable_notification)(void *q) noexcept nogil
         uint32_t (*pending)(void *q) noexcept nogil
         int (*enable_notification_more)(void *q) noexcept nogil
+        int (*enable_notification_after)(void *q, uint32_t n) noexcept nogil
     struct vq_dev:
         void *q
         const vq_dev_ops *ops

@@ -132,6 +132,14 @@ cdef class DeviceQueue(QueueBase):
         False when the driver kept moving meanwhile: look again before sleeping."""
         return bool(self.h.ops.enable_notification_more(self.h.q))
 
+    def enable_notification_after(self, uint32_t n):
+        """Ask for the next kick only once ``n`` chains wait unpopped (coalesced kicks:
+        the caller bounds the wait with a timer; ``n`` is clamped to 1..size, 1 is
+        :meth:`enable_notification`). Without EVENT_IDX the driver cannot be asked for
+        a count and notifications stay disabled. Packed rings count descriptor slots.
+        Returns True when ``n`` chains already wait: drain now."""
+        return bool(self.h.ops.enable_notification_after(self.h.q, n))
+
     def disable_notification(self):
         """Ask the driver not to kick."""
         self.h.ops.disable_notification(self.h.q)

@@ -21,7 +21,8 @@ from pyvirtio.features import NET_DEPENDENCIES, NetFeature, Transport
 from pyvirtio.net.config import NetConfig
 from pyvirtio.net.ctrl import ControlQueue
 from pyvirtio.net.header import HDR_LEN
-from pyvirtio.runtime import QueuePairConfig, QueuePairWorker, drain_eventfd
+from pyvirtio.runtime import (MAX_TX_COALESCE_US, TX_COALESCE_US, QueuePairConfig,
+                              QueuePairWorker, drain_eventfd)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class NetDevice(VirtioDevice):
             control-queue features when ``ctrl_queue``, plus MQ when ``max_pairs > 1``.
         ctrl_queue: whether the device has a control queue.
         poll: busy-poll workers (never sleep) instead of epoll waits.
+        tx_coalesce_us: TX kick coalescing of the workers: the longest a drained TX
+            ring waits for more frames before the worker looks again (0: off; see
+            :mod:`pyvirtio.runtime`).
         rules: feature dependency rules (default :data:`NET_DEPENDENCIES`; a vhost-user
             backend drops the control-queue ones, since the front-end keeps that queue).
     """
@@ -88,7 +92,8 @@ class NetDevice(VirtioDevice):
     def __init__(self, backend: PacketBackend, *, mac: bytes = b"\x52\x54\x00\x12\x34\x56",
                  mtu: int = 1500, max_pairs: int = 1, queue_size: int = 256,
                  features: int | None = None, ctrl_queue: bool = True, poll: bool = False,
-                 rules: dict | None = None, name: str = "virtio-net") -> None:
+                 tx_coalesce_us: int = TX_COALESCE_US, rules: dict | None = None,
+                 name: str = "virtio-net") -> None:
         if max_pairs < 1:
             raise ValueError("max_pairs must be >= 1")
         if len(backend.fds) < max_pairs:
@@ -103,6 +108,9 @@ class NetDevice(VirtioDevice):
         self.max_pairs = max_pairs
         self.has_ctrl = bool(ctrl_queue)
         self.poll = poll
+        if not 0 <= tx_coalesce_us <= MAX_TX_COALESCE_US:
+            raise ValueError(f"tx_coalesce_us {tx_coalesce_us} not in 0..{MAX_TX_COALESCE_US}")
+        self.tx_coalesce_us = tx_coalesce_us
         self.net_config = NetConfig(features, mac=mac, max_virtqueue_pairs=max_pairs, mtu=mtu)
         self.rx_filter = NetRxFilter(mac)
         num_queues = 2 * max_pairs + (1 if ctrl_queue else 0)
@@ -299,7 +307,7 @@ class NetDevice(VirtioDevice):
             rx_call=self.call_fds[self.rx_index(pair)], tx_call=self.call_fds[self.tx_index(pair)],
             rx_filter=self.rx_filter,
             mrg_rxbuf=bool(self.negotiated_features & NetFeature.MRG_RXBUF),
-            max_frame=self._max_frame(), poll=self.poll,
+            max_frame=self._max_frame(), poll=self.poll, tx_coalesce_us=self.tx_coalesce_us,
             on_violation=self._on_violation, rx_stats=rx_stats, tx_stats=tx_stats,
             rx_enabled=self.ring_enabled[self.rx_index(pair)],
             tx_enabled=self.ring_enabled[self.tx_index(pair)])

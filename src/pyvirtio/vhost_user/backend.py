@@ -81,6 +81,7 @@ from pyvirtio.device import ConfigAccessError
 from pyvirtio.features import NET_DEPENDENCIES, NetFeature, Transport, describe
 from pyvirtio.net.device import GUEST_GSO, NetDevice, PacketBackend
 from pyvirtio.net.header import HDR_LEN
+from pyvirtio.runtime import TX_COALESCE_US
 from pyvirtio.status import DeviceStatus
 from pyvirtio.vhost_user.connection import Connection, PeerClosed, close_fds
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, MAX_MEM_SLOTS,
@@ -299,6 +300,7 @@ class VhostUserNetBackend:
         mac: the MAC address in the configuration space.
         mtu: the MTU in the configuration space (VIRTIO_NET_F_MTU).
         poll: busy-poll workers.
+        tx_coalesce_us: TX kick coalescing (see :mod:`pyvirtio.runtime`; 0: off).
         features: virtio features offered (default :data:`VHOST_USER_NET_FEATURES`,
             plus VIRTIO_NET_F_MQ with more than one pair).
         packed: offer VIRTIO_F_RING_PACKED (the default); False takes it out of
@@ -308,7 +310,8 @@ class VhostUserNetBackend:
     """
 
     def __init__(self, packet: PacketBackend, *, queues: int = 1, mac: bytes = DEFAULT_MAC,
-                 mtu: int = 1500, poll: bool = False, features: int | None = None,
+                 mtu: int = 1500, poll: bool = False, tx_coalesce_us: int = TX_COALESCE_US,
+                 features: int | None = None,
                  protocol_features: int = int(PROTOCOL_FEATURES), packed: bool = True,
                  name: str = "vhost-user-net") -> None:
         if not isinstance(queues, int) or not 1 <= queues <= MAX_QUEUE_PAIRS:
@@ -330,6 +333,7 @@ class VhostUserNetBackend:
         self.mac = bytes(mac)
         self.mtu = mtu
         self.poll = poll
+        self.tx_coalesce_us = tx_coalesce_us
         self.name = name
         self.offered_features = int(features)
         self.offered_protocol_features = int(protocol_features)
@@ -348,7 +352,8 @@ class VhostUserNetBackend:
         self.device: _VhostUserNetDevice = _VhostUserNetDevice(
             self.packet, mac=self.mac, mtu=self.mtu, max_pairs=self.queues,
             queue_size=MAX_QUEUE_SIZE, features=self.offered_features, ctrl_queue=False,
-            poll=self.poll, rules=VHOST_USER_NET_RULES, name=self.name,
+            poll=self.poll, tx_coalesce_us=self.tx_coalesce_us,
+            rules=VHOST_USER_NET_RULES, name=self.name,
             on_ring_error=self._ring_error)
         self.memory: GuestMemory | None = None
         self.regions: list[MappedRegion] = []

@@ -322,6 +322,31 @@ static inline void vq_packed_disable_notification(struct vq_packed_dev *q)
     vq_store_relaxed16(&q->device_event->flags, RING_EVENT_FLAGS_DISABLE);
 }
 
+/* As vq_split_enable_notification_after, counted in descriptor slots: a DESC event at
+ * the slot n-1 past ours (one chain per slot: the common case of the net TX ring; a
+ * longer chain makes the kick come sooner, never later). Without EVENT_IDX: DISABLE. */
+static inline int vq_packed_enable_notification_after(struct vq_packed_dev *q, uint32_t n)
+{
+    if (n <= 1)
+        return vq_packed_enable_notification(q);
+    if (n > q->size)
+        n = q->size;
+    uint32_t pos = (uint32_t)q->next_avail + n - 1;
+    int wrap = q->avail_wrap;
+    if (pos >= q->size) {
+        pos -= q->size;
+        wrap ^= 1;
+    }
+    if (q->event_idx) {
+        vq_store_relaxed16(&q->device_event->off_wrap, vq_packed_idx((uint16_t)pos, wrap));
+        vq_store_relaxed16(&q->device_event->flags, RING_EVENT_FLAGS_DESC);
+    } else {
+        vq_store_relaxed16(&q->device_event->flags, RING_EVENT_FLAGS_DISABLE);
+    }
+    vq_fence_seq_cst();
+    return vq_pdesc_is_avail(vq_pdesc_flags_acquire(&q->desc[pos]), wrap);
+}
+
 static inline uint16_t vq_packed_avail_pending(struct vq_packed_dev *q)
 {
     return vq_pdesc_is_avail(vq_pdesc_flags_acquire(&q->desc[q->next_avail]), q->avail_wrap);

@@ -21,6 +21,7 @@ struct vq_dev_ops {
     void (*disable_notification)(void *q);
     uint32_t (*pending)(void *q);
     int (*enable_notification_more)(void *q);
+    int (*enable_notification_after)(void *q, uint32_t n);
 };
 
 struct vq_dev {
@@ -70,9 +71,10 @@ static int P##_enable_op(void *q) { return P##_enable_notification(q); }        
 static void P##_disable_op(void *q) { P##_disable_notification(q); }                      \
 static uint32_t P##_pending_op(void *q) { return P##_avail_pending(q); }                  \
 static int P##_more_op(void *q) { return P##_enable_notification_more(q); }               \
+static int P##_after_op(void *q, uint32_t n) { return P##_enable_notification_after(q, n); } \
 static const struct vq_dev_ops P##_dev_ops = {                                            \
     P##_pop_op, P##_unpop_op, P##_push_op, P##_needs_op,                                  \
-    P##_enable_op, P##_disable_op, P##_pending_op, P##_more_op,                           \
+    P##_enable_op, P##_disable_op, P##_pending_op, P##_more_op, P##_after_op,             \
 };                                                                                        \
 static inline void P##_dev_handle(struct P##_dev *q, struct vq_dev *h)                    \
 {                                                                                         \

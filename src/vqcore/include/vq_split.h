@@ -191,6 +191,25 @@ static inline void vq_split_disable_notification(struct vq_split_dev *q)
     /* With EVENT_IDX the avail_event simply stays behind: at most one more kick. */
 }
 
+/* Ask for the next kick only once n chains (1..size) wait unpopped: avail_event n-1
+ * past our index. The device batches the driver's work and bounds the wait with a
+ * timer of its own. Without EVENT_IDX a count cannot be asked for: notifications stay
+ * disabled and the timer alone wakes the device. Returns 1 when n chains already wait
+ * (drain now: the driver passed the event before it was written and will not kick). */
+static inline int vq_split_enable_notification_after(struct vq_split_dev *q, uint32_t n)
+{
+    if (n <= 1)
+        return vq_split_enable_notification(q);
+    if (n > q->size)
+        n = q->size;
+    if (q->event_idx)
+        vq_store_relaxed16(vq_avail_event(q->used, q->size), (uint16_t)(q->last_avail + n - 1));
+    else
+        vq_split_disable_notification(q);
+    vq_fence_seq_cst();
+    return (uint16_t)(vq_load_acquire16(&q->avail->idx) - q->last_avail) >= n;
+}
+
 /* Chains the driver has made available and we have not popped yet. */
 static inline uint16_t vq_split_avail_pending(struct vq_split_dev *q)
 {

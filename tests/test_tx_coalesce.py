@@ -1,0 +1,138 @@
+"""TX kick coalescing of the queue-pair workers (:mod:`pyvirtio.runtime`).
+
+After a drain that moved frames of a stream, the worker asks the driver for its next
+kick only once a quarter ring waits (the event index set ahead, read here straight from
+guest memory) and looks at the ring after ``tx_coalesce_us`` anyway. Each test runs a
+:class:`~pyvirtio.net.device.NetDevice` with its worker thread and the engine's driver
+side in one process, split and packed rings. The waits are made long (seconds) where a
+test looks at the held state, so that no step races the worker's timer.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+
+import vqcore
+from pyvirtio import runtime
+from pyvirtio.backends.loopback import Loopback
+from pyvirtio.backends.sink import Sink
+from pyvirtio.features import Transport
+from pyvirtio.net.device import DEFAULT_FEATURES, NetDevice
+from pyvirtio.net.driver import NetDriver
+
+SIZE = 64
+QUARTER = SIZE // 4
+FRAME = bytes.fromhex("525400123456" "02aabbccdd01" "0800") + bytes(50)
+#: a wait no test step comes near: the held state stays put while the test looks at it
+LONG_US = 2_000_000
+RING_EVENT_FLAGS_DESC = 2
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+@contextmanager
+def rig(ring_kind: str, backend, coalesce_us: int) -> Iterator[tuple[NetDevice, NetDriver]]:
+    features = int(DEFAULT_FEATURES) | (int(Transport.RING_PACKED) if ring_kind == "packed" else 0)
+    memory = vqcore.GuestMemory([(0, np.zeros(8 << 20, np.uint8))])
+    with backend, NetDevice(backend, queue_size=SIZE, features=features,
+                            ctrl_queue=False) as device:
+        device.tx_coalesce_us = coalesce_us        # beyond the CLI's bound: the test's wait
+        driver = NetDriver(memory, queue_size=SIZE, ctrl=False, tx_buffer=2048)
+        driver.attach(device)
+        assert driver.packed == (ring_kind == "packed")
+        yield device, driver
+
+
+def tx_packets(device: NetDevice) -> int:
+    return device.pair_stats()[0]["tx"]["packets"]
+
+
+def kick_event(driver: NetDriver) -> int:
+    """Where the device asked for the TX queue's next kick, as a count of chains made
+    available since the start (split: avail_event; packed: the DESC event's slot, laps
+    counted from the wrap bit, good for the few laps a test makes)."""
+    q = driver.tx[0].queue
+    if not driver.packed:
+        return int(driver.memory.array(q.used_addr + 4 + 8 * SIZE, 1, "<u2")[0])
+    off_wrap, flags = (int(v) for v in driver.memory.array(q.used_addr, 2, "<u2"))
+    assert flags == RING_EVENT_FLAGS_DESC, flags
+    return off_wrap & 0x7FFF if off_wrap >> 15 else SIZE + (off_wrap & 0x7FFF)
+
+
+def send(driver: NetDriver, n: int) -> int:
+    """Queue n frames in one add; the kicks this took (0 or 1)."""
+    before = driver.tx[0].kicks
+    assert driver.send(0, [FRAME] * n) == n
+    return driver.tx[0].kicks - before
+
+
+def test_a_stream_asks_for_the_next_kick_a_quarter_ring_ahead(ring_kind):
+    """A drain of several frames holds: the next kick is asked for at a quarter ring,
+    fewer frames go out when the wait ends (no kick), a quarter ring kicks at once."""
+    with rig(ring_kind, Sink(), LONG_US) as (device, driver):
+        assert send(driver, 4) == 1                    # notifications start enabled
+        wait_for(lambda: tx_packets(device) == 4, "4 frames sent")
+        wait_for(lambda: kick_event(driver) == 4 + QUARTER - 1, "the kick asked a quarter ahead")
+        assert send(driver, QUARTER - 1) == 0           # below the count: no kick ...
+        wait_for(lambda: tx_packets(device) == 4 + QUARTER - 1, "sent when the wait ended",
+                 timeout=2 * LONG_US * 1e-6 + 5)        # ... the worker's timer took them
+        done = 4 + QUARTER - 1
+        wait_for(lambda: kick_event(driver) == done + QUARTER - 1, "held again (a stream)")
+        assert send(driver, QUARTER) == 1               # a quarter ring kicks ...
+        wait_for(lambda: tx_packets(device) == done + QUARTER, "sent on the kick",
+                 timeout=LONG_US * 1e-6 / 2)           # ... long before the timer
+
+
+def test_a_lone_frame_and_a_quiet_ring_ask_for_every_kick(ring_kind):
+    """One frame per drain is no stream: the next frame kicks. After a held stream
+    whose wait ends with nothing new, the ring asks for every kick again."""
+    with rig(ring_kind, Sink(), 20_000) as (device, driver):
+        for i in range(1, 4):
+            assert send(driver, 1) == 1, i
+            wait_for(lambda: tx_packets(device) == i, f"frame {i} sent")
+            wait_for(lambda: kick_event(driver) == i, "the next kick asked for at once")
+        assert send(driver, 3) == 1
+        wait_for(lambda: tx_packets(device) == 6, "6 frames sent")
+        wait_for(lambda: kick_event(driver) == 6, "every kick again when the wait ended")
+        assert send(driver, 1) == 1
+
+
+def test_coalescing_off(ring_kind):
+    """tx_coalesce_us=0: every drain asks for the very next kick."""
+    with rig(ring_kind, Sink(), 0) as (device, driver):
+        for i in range(3):
+            assert send(driver, 5) == 1, i
+            wait_for(lambda: tx_packets(device) == 5 * (i + 1), "frames sent")
+            assert kick_event(driver) == 5 * (i + 1)
+
+
+def test_no_holding_while_frames_come_in(ring_kind, monkeypatch):
+    """RX traffic in the last RX_QUIET means request/response (ACKs, ping replies): the
+    replies must not wait, so the drain asks for the next kick at once. (RX_QUIET made
+    long here, so that the test's own pace does not matter.)"""
+    monkeypatch.setattr(runtime, "RX_QUIET", 60.0)
+    with rig(ring_kind, Loopback(), LONG_US) as (device, driver):
+        device.backend.inject(FRAME)
+        got = []
+        wait_for(lambda: bool(got.extend(driver.recv(0)) or got), "a frame received")
+        assert send(driver, 4) == 1
+        wait_for(lambda: tx_packets(device) == 4, "4 frames sent")
+        wait_for(lambda: kick_event(driver) == 4, "the next kick asked for at once")
+        assert send(driver, 1) == 1
+
+
+@pytest.mark.parametrize("us", [-1, runtime.MAX_TX_COALESCE_US + 1])
+def test_the_wait_is_bounded(us):
+    with Sink() as sink, pytest.raises(ValueError, match="tx_coalesce_us"):
+        NetDevice(sink, tx_coalesce_us=us)
