@@ -10,6 +10,7 @@ test looks at the held state, so that no step races the worker's timer.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -58,15 +59,17 @@ def tx_packets(device: NetDevice) -> int:
     return device.pair_stats()[0]["tx"]["packets"]
 
 
-def kick_event(driver: NetDriver) -> int:
+def kick_event(driver: NetDriver) -> int | None:
     """Where the device asked for the TX queue's next kick, as a count of chains made
     available since the start (split: avail_event; packed: the DESC event's slot, laps
-    counted from the wrap bit, good for the few laps a test makes)."""
+    counted from the wrap bit, good for the few laps a test makes; None while the
+    worker has kicks disabled, mid-drain)."""
     q = driver.tx[0].queue
     if not driver.packed:
         return int(driver.memory.array(q.used_addr + 4 + 8 * SIZE, 1, "<u2")[0])
     off_wrap, flags = (int(v) for v in driver.memory.array(q.used_addr, 2, "<u2"))
-    assert flags == RING_EVENT_FLAGS_DESC, flags
+    if flags != RING_EVENT_FLAGS_DESC:
+        return None
     return off_wrap & 0x7FFF if off_wrap >> 15 else SIZE + (off_wrap & 0x7FFF)
 
 
@@ -79,11 +82,16 @@ def send(driver: NetDriver, n: int) -> int:
 
 def test_a_stream_asks_for_the_next_kick_a_quarter_ring_ahead(ring_kind):
     """A drain of several frames holds: the next kick is asked for at a quarter ring,
-    fewer frames go out when the wait ends (no kick), a quarter ring kicks at once."""
+    fewer frames go out when the wait ends (no kick), a quarter ring kicks at once.
+    (The first send's kick is not checked: a worker still busy with its start-up may
+    take the frames before the driver looks, and then no kick is due.)"""
     with rig(ring_kind, Sink(), LONG_US) as (device, driver):
-        assert send(driver, 4) == 1                    # notifications start enabled
+        send(driver, 4)
         wait_for(lambda: tx_packets(device) == 4, "4 frames sent")
         wait_for(lambda: kick_event(driver) == 4 + QUARTER - 1, "the kick asked a quarter ahead")
+        os.eventfd_write(driver.rx[0].kick_fd, 1)      # the worker woken early (RX side) ...
+        time.sleep(0.05)
+        assert kick_event(driver) == 4 + QUARTER - 1    # ... holds on, its kick still armed
         assert send(driver, QUARTER - 1) == 0           # below the count: no kick ...
         wait_for(lambda: tx_packets(device) == 4 + QUARTER - 1, "sent when the wait ended",
                  timeout=2 * LONG_US * 1e-6 + 5)        # ... the worker's timer took them
@@ -99,7 +107,7 @@ def test_a_lone_frame_and_a_quiet_ring_ask_for_every_kick(ring_kind):
     whose wait ends with nothing new, the ring asks for every kick again."""
     with rig(ring_kind, Sink(), 20_000) as (device, driver):
         for i in range(1, 4):
-            assert send(driver, 1) == 1, i
+            assert send(driver, 1) == 1 or i == 1, i     # once asked for, a kick is due
             wait_for(lambda: tx_packets(device) == i, f"frame {i} sent")
             wait_for(lambda: kick_event(driver) == i, "the next kick asked for at once")
         assert send(driver, 3) == 1
@@ -112,9 +120,9 @@ def test_coalescing_off(ring_kind):
     """tx_coalesce_us=0: every drain asks for the very next kick."""
     with rig(ring_kind, Sink(), 0) as (device, driver):
         for i in range(3):
-            assert send(driver, 5) == 1, i
+            assert send(driver, 5) == 1 or i == 0, i
             wait_for(lambda: tx_packets(device) == 5 * (i + 1), "frames sent")
-            assert kick_event(driver) == 5 * (i + 1)
+            wait_for(lambda: kick_event(driver) == 5 * (i + 1), "the next kick asked for")
 
 
 def test_no_holding_while_frames_come_in(ring_kind, monkeypatch):
@@ -126,7 +134,7 @@ def test_no_holding_while_frames_come_in(ring_kind, monkeypatch):
         device.backend.inject(FRAME)
         got = []
         wait_for(lambda: bool(got.extend(driver.recv(0)) or got), "a frame received")
-        assert send(driver, 4) == 1
+        send(driver, 4)
         wait_for(lambda: tx_packets(device) == 4, "4 frames sent")
         wait_for(lambda: kick_event(driver) == 4, "the next kick asked for at once")
         assert send(driver, 1) == 1

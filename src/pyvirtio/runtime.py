@@ -228,13 +228,18 @@ class QueuePairWorker(threading.Thread):
                 moved += tx_burst(cfg.tx, self._tx_batch, tx_fd if cfg.tx_enabled else -1,
                                   cfg.tx_stats, hdr_len=cfg.hdr_len, call_fd=cfg.tx_call)
                 if cfg.tx_stats.ring_empty:
-                    if (self._coalesce and moved >= TX_COALESCE_MIN and not cfg.poll
-                            and time.monotonic() - self._rx_last > RX_QUIET):
-                        # a stream: the next kick once a quarter ring waits, or a look
-                        # after the wait, whichever comes first
+                    now = time.monotonic()
+                    stream = moved >= TX_COALESCE_MIN
+                    if (self._coalesce and not cfg.poll and now - self._rx_last > RX_QUIET
+                            and (stream or (self._tx_hold is not None and now < self._tx_hold))):
+                        # a stream (or a wake-up by the RX side while holding): the next
+                        # kick once a quarter ring waits, or a look after the wait,
+                        # whichever comes first (armed again after every burst: a
+                        # burst disables a packed ring's kicks)
                         if cfg.tx.enable_notification_after(self._coalesce_kick):
                             continue
-                        self._tx_hold = time.monotonic() + self._coalesce
+                        if stream:
+                            self._tx_hold = now + self._coalesce
                         return False
                     self._tx_hold = None
                     if not cfg.tx.enable_notification():
