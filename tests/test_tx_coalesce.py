@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -108,8 +108,8 @@ def test_a_lone_frame_and_a_quiet_ring_ask_for_every_kick(ring_kind):
     with rig(ring_kind, Sink(), 20_000) as (device, driver):
         for i in range(1, 4):
             assert send(driver, 1) == 1 or i == 1, i     # once asked for, a kick is due
-            wait_for(lambda: tx_packets(device) == i, f"frame {i} sent")
-            wait_for(lambda: kick_event(driver) == i, "the next kick asked for at once")
+            wait_for(lambda i=i: tx_packets(device) == i, f"frame {i} sent")
+            wait_for(lambda i=i: kick_event(driver) == i, "the next kick asked for at once")
         assert send(driver, 3) == 1
         wait_for(lambda: tx_packets(device) == 6, "6 frames sent")
         wait_for(lambda: kick_event(driver) == 6, "every kick again when the wait ended")
@@ -121,8 +121,8 @@ def test_coalescing_off(ring_kind):
     with rig(ring_kind, Sink(), 0) as (device, driver):
         for i in range(3):
             assert send(driver, 5) == 1 or i == 0, i
-            wait_for(lambda: tx_packets(device) == 5 * (i + 1), "frames sent")
-            wait_for(lambda: kick_event(driver) == 5 * (i + 1), "the next kick asked for")
+            wait_for(lambda i=i: tx_packets(device) == 5 * (i + 1), "frames sent")
+            wait_for(lambda i=i: kick_event(driver) == 5 * (i + 1), "the next kick asked for")
 
 
 def test_no_holding_while_frames_come_in(ring_kind, monkeypatch):
