@@ -352,3 +352,27 @@ def test_generator_counts_agree_with_the_tap(tmp_path):
             finally:
                 be.stop()
             assert be.proc.returncode == 0, be.tail()
+
+
+@nt.needs_tap
+@pytest.mark.skipif(shutil.which("iperf3") is None,
+                    reason="iperf3 is not installed (Debian package iperf3; .ci/run installs it)")
+def test_iperf3_server_idle_only_once_every_client_is_gone(tmp_path):
+    """PVP waits for iperf3's server to be idle before tearing the forwarded path down
+    (else the server's last test is stranded and the next client hears "the server is
+    busy"): a connected client, and a closed one the server has not closed yet, both
+    count as busy."""
+    from pyvirtio.netns import socket_in
+    with nt.namespace("pvbvi") as ns:
+        server = bv.Iperf3Server(ns.name, log_path=tmp_path / "iperf3.log")
+        try:
+            assert server.wait_idle(0.5)
+            client = socket_in(ns.name)
+            try:
+                client.connect(("127.0.0.1", bv.IPERF_PORT))
+                assert not server.wait_idle(0.3)       # a client: busy
+            finally:
+                client.close()
+            assert server.wait_idle(5.0)               # the server ends the aborted test
+        finally:
+            server.stop()

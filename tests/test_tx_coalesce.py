@@ -144,3 +144,17 @@ def test_no_holding_while_frames_come_in(ring_kind, monkeypatch):
 def test_the_wait_is_bounded(us):
     with Sink() as sink, pytest.raises(ValueError, match="tx_coalesce_us"):
         NetDevice(sink, tx_coalesce_us=us)
+
+
+def test_frames_held_back_go_out_when_the_worker_stops(ring_kind):
+    """A stop while holding (GET_VRING_BASE, a disconnect, a reset) does not strand the
+    frames the driver was told would go out soon: the worker drains once more."""
+    with rig(ring_kind, Sink(), LONG_US) as (device, driver):
+        send(driver, 4)
+        wait_for(lambda: kick_event(driver) == 4 + QUARTER - 1, "held")
+        assert send(driver, 3) == 0
+        assert tx_packets(device) == 4
+        worker = device.workers[0]
+        worker.stop()
+        assert not worker.is_alive()
+        assert tx_packets(device) == 7

@@ -130,14 +130,19 @@ class QueuePairWorker(threading.Thread):
 
     def wake(self) -> None:
         """Make the worker look at its rings and flags again (after enabling a ring)."""
+        if self._stop_fd < 0:
+            return
         try:
             os.eventfd_write(self._stop_fd, 1)
         except OSError:
             pass
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Ask the worker to finish and wait for it; closes its stop eventfd."""
+        """Ask the worker to finish and wait for it; closes its stop eventfd. A second
+        call does nothing."""
         self._stopping = True
+        if self._stop_fd < 0:
+            return
         try:
             os.eventfd_write(self._stop_fd, 1)
         except OSError:
@@ -200,6 +205,10 @@ class QueuePairWorker(threading.Thread):
                 while more and not self._stopping:
                     more = self._serve_tx()
                     more = self._serve_rx(ep) or more
+            if self._tx_hold is not None:
+                # frames held back by kick coalescing go out before the worker ends: a
+                # stop (GET_VRING_BASE, a disconnect) must not strand them
+                self._serve_tx()
         except BaseException as exc:  # a worker must never die silently
             self.error = exc
             log.exception("worker %s failed", self.name)

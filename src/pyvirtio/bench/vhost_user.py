@@ -424,8 +424,10 @@ class Iperf3Server:
                 raise VhostUserBenchError("iperf3 server did not start")
             time.sleep(0.05)
 
-    def _listening(self) -> bool:
-        """Whether a TCP socket listens on the port in the server's namespace."""
+    def _sockets(self, *states: str) -> int:
+        """TCP sockets of the server's port in the server's namespace in one of
+        ``states`` (/proc/net/tcp's hex codes: 0A listening, 01 established, 08
+        close-wait)."""
         rows: list[list[str]] = []
         for table in ("tcp", "tcp6"):
             try:
@@ -433,8 +435,23 @@ class Iperf3Server:
                     rows += [line.split() for line in fh.read().splitlines()[1:]]
             except OSError:
                 continue
-        return any(len(r) > 3 and r[3] == "0A" and int(r[1].rsplit(":", 1)[1], 16) == self.port
-                   for r in rows)
+        return sum(1 for r in rows
+                   if len(r) > 3 and r[3] in states and int(r[1].rsplit(":", 1)[1], 16) == self.port)
+
+    def _listening(self) -> bool:
+        return self._sockets("0A") > 0
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no client is connected and the server closed its side of every
+        connection (no socket established or in close-wait); False after ``timeout``.
+        A path torn down before that strands the server in its test ("the server is
+        busy") for the next client."""
+        deadline = time.monotonic() + timeout
+        while self._sockets("01", "08"):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -626,6 +643,9 @@ def part_pvp(s: Settings, n: Sizes, sockdir: str, progress: Callable[[str], None
                 with pvp.forwarding(pairs) as fwd:
                     _tcp_and_udp(pvp.ns_a.name, f"{PVP_NET}2", n.iperf_seconds, streams,
                                  pairs, tcp.samples, udp.samples)
+                    if pvp.server is not None and not pvp.server.wait_idle():
+                        log.warning("PVP: iperf3's server still has a client 5 s after "
+                                    "the test; tearing the path down anyway")
                     stats = fwd.stats()
                     per_path = [row["a->b"].frames for row in stats]
                     big = [row["a->b"].bytes / max(row["a->b"].frames, 1) for row in stats]
