@@ -9,12 +9,13 @@ queue) until the guest kicks the RX queue. With ``poll=True`` the worker never s
 
 TX kick coalescing: a kick costs a guest vCPU an exit (under TCG, and through QEMU's
 BQL, far more than the frame itself), and a worker that answers every kick at once
-drains one or two frames per kick. So after a drain that moved frames in a stream (two
-or more, and no RX traffic in the last :data:`RX_QUIET` seconds, which would mean
-request/response traffic whose replies must not wait), the worker asks for the next
-kick only once a quarter of the ring waits (event index set ahead:
-``enable_notification_after``) and looks at the ring again after ``tx_coalesce_us``
-anyway, whichever comes first. Like QEMU's ``tx=timer`` but bounded by a count too, and
+drains one or two frames per kick. So after a drain that moved a small stream (two
+frames or more but less than a quarter ring, and no RX traffic in the last
+:data:`RX_QUIET` seconds, which would mean request/response traffic whose replies must
+not wait), the worker asks for the next kick only once a quarter of the ring waits
+(event index set ahead: ``enable_notification_after``) and looks at the ring again after
+``tx_coalesce_us`` anyway, whichever comes first. A drain of a quarter ring or more asks
+for every kick again: such a driver fills the ring faster than a hold would gather it. Like QEMU's ``tx=timer`` but bounded by a count too, and
 like vhost-net's busy-loop but sleeping. ``tx_coalesce_us=0`` turns it off.
 """
 
@@ -46,7 +47,7 @@ BURSTS_PER_TURN = 16
 RX_POP = 256
 #: TX kick coalescing (see above): the default wait, in microseconds
 TX_COALESCE_US = 100
-#: ... after a drain of at least this many frames ...
+#: ... after a drain of at least this many frames (and less than a quarter ring) ...
 TX_COALESCE_MIN = 2
 #: ... with no RX frame for this long (seconds)
 RX_QUIET = 0.001
@@ -238,7 +239,7 @@ class QueuePairWorker(threading.Thread):
                                   cfg.tx_stats, hdr_len=cfg.hdr_len, call_fd=cfg.tx_call)
                 if cfg.tx_stats.ring_empty:
                     now = time.monotonic()
-                    stream = moved >= TX_COALESCE_MIN
+                    stream = TX_COALESCE_MIN <= moved < self._coalesce_kick
                     if (self._coalesce and not cfg.poll and now - self._rx_last > RX_QUIET
                             and (stream or (self._tx_hold is not None and now < self._tx_hold))):
                         # a stream (or a wake-up by the RX side while holding): the next
