@@ -108,6 +108,8 @@ class QueuePairWorker(threading.Thread):
         super().__init__(name=f"vq-pair{cfg.index}", daemon=True)
         self.cfg = cfg
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: guards _stop_fd between wake()/stop() callers and its close
+        self._fd_lock = threading.Lock()
         self._stopping = False
         rx_size = cfg.rx.size if cfg.rx is not None else 64
         tx_size = cfg.tx.size if cfg.tx is not None else 64
@@ -130,34 +132,36 @@ class QueuePairWorker(threading.Thread):
     # ---- control ------------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Make the worker look at its rings and flags again (after enabling a ring)."""
-        if self._stop_fd < 0:
-            return
-        try:
-            os.eventfd_write(self._stop_fd, 1)
-        except OSError:
-            pass
+        """Make the worker look at its rings and flags again (after enabling a ring).
+        Safe from any thread, also during or after :meth:`stop` (never a write to a
+        closed, perhaps reused, fd number)."""
+        with self._fd_lock:
+            if self._stop_fd >= 0:
+                try:
+                    os.eventfd_write(self._stop_fd, 1)
+                except BlockingIOError:
+                    pass                        # the counter is full: woken already
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to finish and wait for it; closes its stop eventfd. A second
         call does nothing."""
         self._stopping = True
-        if self._stop_fd < 0:
-            return
-        try:
-            os.eventfd_write(self._stop_fd, 1)
-        except OSError:
-            pass
+        with self._fd_lock:
+            if self._stop_fd < 0:
+                return
+            try:
+                os.eventfd_write(self._stop_fd, 1)
+            except BlockingIOError:
+                pass
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout)
             if self.is_alive():
                 log.error("worker %s did not stop within %.1f s", self.name, timeout)
                 return
-        try:
-            os.close(self._stop_fd)
-        except OSError:
-            pass
-        self._stop_fd = -1
+        with self._fd_lock:
+            if self._stop_fd >= 0:
+                os.close(self._stop_fd)
+                self._stop_fd = -1
 
     # ---- the loop -------------------------------------------------------------------------
 
