@@ -376,3 +376,13 @@ def test_iperf3_server_idle_only_once_every_client_is_gone(tmp_path):
             assert server.wait_idle(5.0)               # the server ends the aborted test
         finally:
             server.stop()
+
+
+def test_a_hung_ringtest_is_an_error_its_caller_skips(tmp_path):
+    """ringtest_ns turns a timeout into the RuntimeError level_pingpong reports as a
+    skip (a subprocess.TimeoutExpired would fail the whole level)."""
+    fake = tmp_path / "ringtest"
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match="did not end within 0.2 s"):
+        suite.ringtest_ns(str(fake), 10, False, timeout=0.2)

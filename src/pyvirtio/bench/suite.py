@@ -98,7 +98,10 @@ def ringtest_ns(path: str, cycles: int, eventfd: bool, timeout: float = 300.0) -
     argv = [path, "--run-cycles", str(cycles), "--ring-size", str(PINGPONG_RING),
             "--batch", str(PINGPONG_BATCH)] + (["--sleep"] if eventfd else [])
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:    # a hung ringtest skips its rows only
+        raise RuntimeError(f"{' '.join(argv)} did not end within {timeout:g} s") from exc
     t1 = time.perf_counter()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: "
