@@ -53,10 +53,12 @@ from vqcore import netbench
 
 from pyvirtio.backends.tap import TUN_DEVICE, Tap
 from pyvirtio.bench.figures import Figure, skip
-from pyvirtio.bench.tap import OTHER_MAC, Sample, _quiet, thread_cpu_ns, tx_frame
+from pyvirtio.bench.tap import (OTHER_MAC, Sample, _checksum, _quiet, thread_cpu_ns,
+                                tx_frame)
 from pyvirtio.guest.harness import iperf3_json, wait_while_running
 from pyvirtio.net.driver import wait_used
-from pyvirtio.net.header import HDR_LEN
+from pyvirtio.net.header import (HDR_LEN, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                                 VIRTIO_NET_HDR_GSO_TCPV4, VirtioNetHdr)
 from pyvirtio.netns import NetNamespace
 
 if TYPE_CHECKING:
@@ -177,11 +179,12 @@ class Sizes:
 # ---------------------------------------------------------------------------------------
 # frames
 
-def gso_header(frame_len: int, mss: int = 1448) -> bytes:
-    """A virtio-net header (12 bytes, VERSION_1) for an IPv4 TCP GSO frame of
-    ``frame_len`` bytes: NEEDS_CSUM over the TCP header and payload, GSO_TCPV4."""
-    flags, gso_type, hdr_len = 1, 1, 14 + 20 + 20
-    return struct.pack("<BBHHHHH", flags, gso_type, hdr_len, mss, 14 + 20, 16, 0)
+def gso_header(mss: int = 1448) -> bytes:
+    """A virtio-net header (12 bytes, VERSION_1) for an IPv4 TCP GSO frame:
+    NEEDS_CSUM over the TCP header and payload, GSO_TCPV4."""
+    return VirtioNetHdr(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type=VIRTIO_NET_HDR_GSO_TCPV4,
+                        hdr_len=14 + 20 + 20, gso_size=mss, csum_start=14 + 20,
+                        csum_offset=16).pack()
 
 
 def gso_frame(size: int = GSO_FRAME) -> bytes:
@@ -194,16 +197,10 @@ def gso_frame(size: int = GSO_FRAME) -> bytes:
     src, dst = socket.inet_aton("10.79.9.1"), socket.inet_aton("10.79.9.2")
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, 1, 0x4000, 64, socket.IPPROTO_TCP,
                      0, src, dst)
-    total = 0
-    for (word,) in struct.iter_unpack("!H", ip):
-        total += word
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    ip = ip[:10] + struct.pack("!H", ~total & 0xFFFF) + ip[12:]
-    # the pseudo-header sum goes in the TCP checksum field (NEEDS_CSUM convention)
-    pseudo = sum(struct.unpack("!4H", src + dst)) + socket.IPPROTO_TCP + (ip_len - 20)
-    while pseudo >> 16:
-        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    # the pseudo-header sum (folded, not inverted) goes in the TCP checksum field
+    # (NEEDS_CSUM convention)
+    pseudo = ~_checksum(src + dst + struct.pack("!HH", socket.IPPROTO_TCP, ip_len - 20)) & 0xFFFF
     tcp = struct.pack("!HHIIBBHHH", 40001, 5201, 1, 0, 5 << 4, 0x18, 65535, pseudo, 0)
     eth = OTHER_MAC + bytes.fromhex("525400123456") + struct.pack("!H", 0x0800)
     return eth + ip + tcp + payload
@@ -212,7 +209,7 @@ def gso_frame(size: int = GSO_FRAME) -> bytes:
 def frame_and_header(size: int) -> tuple[bytes, bytes]:
     """(frame, virtio-net header) of the generator for ``size``."""
     if size == GSO_FRAME:
-        return gso_frame(size), gso_header(size)
+        return gso_frame(size), gso_header()
     return tx_frame(size), bytes(HDR_LEN)
 
 
