@@ -95,9 +95,9 @@ def test_tx_frames_leave_byte_exact(pair, size):
 
 
 @pytest.mark.parametrize("fd", [DISCARD_FD, -1])
-def test_tx_without_an_fd_consumes_every_chain(pair, fd):
+def test_tx_without_an_fd_consumes_every_chain(fd):
     """DISCARD_FD (a sink) counts frames as sent; -1 (a disabled ring) as dropped.
-    Either way every chain goes back to the guest and nothing reaches any fd."""
+    Either way every chain goes back to the guest, with nothing written into it."""
     g = Guest()
     frames = [frame(60 + 100 * i, i) for i in range(5)]
     g.send(frames)
@@ -112,9 +112,6 @@ def test_tx_without_an_fd_consumes_every_chain(pair, fd):
     done = ChainBatch(16)
     assert g.gtx.reclaim(done) == 5
     assert list(done.used_len) == [0] * 5
-    pair[1].setblocking(False)
-    with pytest.raises(BlockingIOError):
-        pair[1].recv(100)
 
 
 def test_tx_header_split_across_segments(pair):
