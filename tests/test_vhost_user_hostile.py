@@ -16,7 +16,7 @@ import select
 import socket
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
