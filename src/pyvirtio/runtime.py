@@ -15,8 +15,9 @@ frames or more but less than a quarter ring, and no RX traffic in the last
 not wait), the worker asks for the next kick only once a quarter of the ring waits
 (event index set ahead: ``enable_notification_after``) and looks at the ring again after
 ``tx_coalesce_us`` anyway, whichever comes first. A drain of a quarter ring or more asks
-for every kick again: such a driver fills the ring faster than a hold would gather it. Like QEMU's ``tx=timer`` but bounded by a count too, and
-like vhost-net's busy-loop but sleeping. ``tx_coalesce_us=0`` turns it off.
+for every kick again: such a driver fills the ring faster than a hold would gather it.
+Like QEMU's ``tx=timer`` but bounded by a count too, and like vhost-net's busy-loop but
+sleeping. ``tx_coalesce_us=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ class QueuePairWorker(threading.Thread):
         self._rx_dead = cfg.rx is None
         self._tx_dead = cfg.tx is None
         self._fd_watched = True
+        #: where TX frames go (the packet fd unless the config names another)
+        self._tx_fd = cfg.fd if cfg.tx_fd is None else cfg.tx_fd
         #: TX notifications held off until this time.monotonic() (see _serve_tx)
         self._tx_hold: float | None = None
         #: time.monotonic() when RX last moved a frame
@@ -234,13 +237,13 @@ class QueuePairWorker(threading.Thread):
         cfg = self.cfg
         if self._tx_dead:
             return False
-        tx_fd = cfg.fd if cfg.tx_fd is None else cfg.tx_fd
         moved = 0
         try:
             for _ in range(BURSTS_PER_TURN):
                 cfg.tx.disable_notification()
-                moved += tx_burst(cfg.tx, self._tx_batch, tx_fd if cfg.tx_enabled else -1,
-                                  cfg.tx_stats, hdr_len=cfg.hdr_len, call_fd=cfg.tx_call)
+                fd = self._tx_fd if cfg.tx_enabled else -1
+                moved += tx_burst(cfg.tx, self._tx_batch, fd, cfg.tx_stats,
+                                  hdr_len=cfg.hdr_len, call_fd=cfg.tx_call)
                 if cfg.tx_stats.ring_empty:
                     now = time.monotonic()
                     stream = TX_COALESCE_MIN <= moved < self._coalesce_kick
