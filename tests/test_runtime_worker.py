@@ -9,17 +9,17 @@ import threading
 from pyvirtio.runtime import QueuePairConfig, QueuePairWorker
 
 
-def idle_worker() -> QueuePairWorker:
-    """A worker with no rings: it sleeps on its stop eventfd alone."""
+def idle_worker() -> tuple[QueuePairWorker, int]:
+    """A worker with no rings (it sleeps on its stop eventfd alone) and the stand-in
+    packet fd its config names (the caller closes it)."""
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     worker = QueuePairWorker(QueuePairConfig(index=0, rx=None, tx=None, fd=fd,
                                              rx_kick=-1, tx_kick=-1))
-    worker._test_fd = fd
-    return worker
+    return worker, fd
 
 
 def test_wake_after_stop_never_writes_to_a_reused_fd_number():
-    worker = idle_worker()
+    worker, packet_fd = idle_worker()
     worker.start()
     number = worker._stop_fd
     worker.stop()
@@ -42,12 +42,12 @@ def test_wake_after_stop_never_writes_to_a_reused_fd_number():
     finally:
         for fd in reused:
             os.close(fd)
-        os.close(worker._test_fd)
+        os.close(packet_fd)
 
 
 def race_once() -> None:
     """Wakes from three threads while this one stops the worker."""
-    worker = idle_worker()
+    worker, packet_fd = idle_worker()
     worker.start()
     errors: list[BaseException] = []
     go = threading.Event()
@@ -67,7 +67,7 @@ def race_once() -> None:
     worker.stop()
     for t in threads:
         t.join(5)
-    os.close(worker._test_fd)
+    os.close(packet_fd)
     assert not errors
     assert not worker.is_alive() and worker.error is None
     assert worker._stop_fd == -1
