@@ -157,19 +157,18 @@ def _net(args: argparse.Namespace) -> int:
             server.shutdown()
 
     def on_usr1(signum: int, _frame: object) -> None:
-        if state.get("backend") is not None:
-            state["backend"].log_pair_stats("SIGUSR1")     # type: ignore[attr-defined]
+        if backend is not None:
+            backend.log_pair_stats("SIGUSR1")
 
+    packet = backend = server = None
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
-    packet = backend = server = None
     try:
         packet = _open_packet_end(args)
         backend = VhostUserNetBackend(packet, queues=args.queues, mac=args.mac,
                                       mtu=args.mtu if args.mtu is not None else 1500,
                                       poll=args.poll, packed=not args.no_packed,
                                       tx_coalesce_us=args.tx_coalesce_us)
-        state["backend"] = backend
         server = VhostUserServer(backend, socket_path=args.socket_path, fd=args.fd,
                                  message_timeout=args.message_timeout)
         state["server"] = server

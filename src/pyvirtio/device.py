@@ -371,8 +371,8 @@ class VirtioDevice:
     def check_ring_size(self, size: int) -> None:
         """Raise :class:`~vqcore.errors.LayoutError` unless ``size`` suits the ring
         layout of the negotiated features (packed: 1..32768; split: a power of two)."""
-        if self._negotiated & Transport.RING_PACKED:
-            vqcore.packed_layout(size)
+        if self.packed:
+            vqcore.packed.check_packed_size(size)
         else:
             vqcore.check_queue_size(size)
 
