@@ -3,7 +3,7 @@ on QEMU's own TAP backend and on ``pyvirtio net`` over vhost-user.
 
 Every test boots its own guest inside its own network namespace (:mod:`harness`); the
 tests that both backends must pass are parametrized over :data:`harness.BACKENDS`, and
-the traffic tests also over the ring layout (``ring``: ``packed=on`` or not; every boot
+the traffic tests also over the ring layout (``packed``: ``packed=on`` or not; every boot
 checks in sysfs that the guest negotiated VIRTIO_F_RING_PACKED exactly when asked).
 """
 
@@ -37,20 +37,17 @@ MiB = 1 << 20
 FILE_SIZE = 8 * MiB + 4093
 
 
-#: ring layouts: split (QEMU's default) and packed (``-device virtio-net-pci,packed=on``)
-RINGS = ("split", "packed")
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
     """The NIC backend under test."""
     return request.param
 
 
-@pytest.fixture(params=RINGS)
-def ring(request) -> str:
-    """The virtqueue layout the guest is given."""
-    return request.param
+@pytest.fixture
+def packed(ring_kind: str) -> bool:
+    """Whether the guest is given packed virtqueues (``-device virtio-net-pci,packed=on``)
+    or split ones (QEMU's default): over conftest's ``ring_kind``."""
+    return ring_kind == "packed"
 
 
 def check_ring_layout(qemu, config: VmConfig) -> None:
@@ -84,13 +81,6 @@ def ping_both_ways(testbed, agent, *, count: int = 3, size: int = 56) -> None:
     assert h.rc == 0 and f"{count} packets received" in h.stdout, h.stdout + h.stderr
 
 
-def start_iperf3_server(agent, port: int = 5201) -> None:
-    """``iperf3 -s -D`` in the guest, returning once it listens."""
-    agent.run(f"iperf3 -s -D -p {port} && i=0 && "
-              f"while ! netstat -ltn | grep -q ':{port} ' && [ $i -lt 100 ]; "
-              f"do sleep 0.1; i=$((i+1)); done; netstat -ltn | grep -q ':{port} '")
-
-
 def test_one_shot_command(testbed, backend):
     """The kernel command line's ``vq.cmd`` runs after ``VQ-READY``; its exit code comes
     back as ``VQ-END rc=N`` and the guest powers off (QEMU exits, -no-reboot)."""
@@ -104,15 +94,15 @@ def test_one_shot_command(testbed, backend):
     assert text.index("VQ-READY") < text.index("VQ-END rc=7")
 
 
-def test_ping_both_ways(testbed, backend, ring):
+def test_ping_both_ways(testbed, backend, packed):
     """ICMP echo guest -> host and host -> guest."""
-    _, agent = boot_with_agent(testbed, VmConfig(backend=backend, packed=ring == "packed"))
+    _, agent = boot_with_agent(testbed, VmConfig(backend=backend, packed=packed))
     ping_both_ways(testbed, agent)
 
 
-def test_random_file_both_ways(testbed, backend, ring):
+def test_random_file_both_ways(testbed, backend, packed):
     """8 MiB of random bytes host -> guest and guest -> host, sha256 checked both ends."""
-    _, agent = boot_with_agent(testbed, VmConfig(backend=backend, packed=ring == "packed"))
+    _, agent = boot_with_agent(testbed, VmConfig(backend=backend, packed=packed))
     data = os.urandom(FILE_SIZE)
     with testbed.timed("host_to_guest"):
         r = agent.run("cat > /tmp/in && wc -c < /tmp/in && sha256sum /tmp/in",
@@ -136,15 +126,15 @@ def tcp_buffer_max(text: str) -> tuple[int, int]:
     return values[2], values[5]
 
 
-def test_iperf3_tcp_both_ways(testbed, backend, ring):
+def test_iperf3_tcp_both_ways(testbed, backend, packed):
     """iperf3 TCP host -> guest and guest -> host (-R) of 128 MiB each: the sender wrote
     them all; the receiver got all but what may still have been in the sender's socket
     buffer or in flight when the sender reported its end over the control connection
     (iperf3 stops counting then): at most the sender's tcp_wmem[2] plus the receiver's
     tcp_rmem[2]; and the TAP's byte counter in that direction saw at least what the
     receiver got."""
-    _, agent = boot_with_agent(testbed, VmConfig(backend=backend, packed=ring == "packed"))
-    start_iperf3_server(agent)
+    _, agent = boot_with_agent(testbed, VmConfig(backend=backend, packed=packed))
+    agent.start_iperf3_server()
     sysctls = "cat /proc/sys/net/ipv4/tcp_wmem /proc/sys/net/ipv4/tcp_rmem"
     guest_wmem, guest_rmem = tcp_buffer_max(agent.run(sysctls).text)
     host_wmem, host_rmem = tcp_buffer_max(testbed.host(sysctls.split(), check=True).stdout)
@@ -166,11 +156,11 @@ def test_iperf3_tcp_both_ways(testbed, backend, ring):
         assert wire >= received, (direction, wire, received)
 
 
-def test_guest_reboot(testbed, backend, ring):
+def test_guest_reboot(testbed, backend, packed):
     """``reboot -f`` in the guest (QEMU without -no-reboot): the machine resets, the
     driver comes up again on the same backend (packed: the rings start again from slot
     0 with both wrap counters 1) and traffic works."""
-    config = VmConfig(backend=backend, no_reboot=False, packed=ring == "packed")
+    config = VmConfig(backend=backend, no_reboot=False, packed=packed)
     qemu, agent = boot_with_agent(testbed, config)
     ping_both_ways(testbed, agent, count=2)
     first = qemu.wait_ready()
@@ -259,12 +249,12 @@ def pair_stats(backend_log: str) -> dict[int, dict[str, dict[str, int]]]:
     return out
 
 
-def test_two_queue_pairs(testbed, backend, ring):
+def test_two_queue_pairs(testbed, backend, packed):
     """``-smp 2`` and 2 queue pairs: the guest runs 2 combined channels; a TCP sender
     pinned to each vCPU moves traffic through both pairs, as the guest's per-queue
     counters show, and for vhost-user the backend's per-pair counters too (QEMU 7.2
     sends ADD_MEM_REG of the same region once per pair: the backend takes the copy)."""
-    qemu = boot(testbed, VmConfig(backend=backend, queues=2, smp=2, packed=ring == "packed"))
+    qemu = boot(testbed, VmConfig(backend=backend, queues=2, smp=2, packed=packed))
     agent = testbed.agent()
     agent.wait(timeout=30)
     channels = agent.run("ethtool -l eth0").text
@@ -324,7 +314,7 @@ def test_qemu_killed_mid_transfer(testbed):
     then serves a new QEMU: traffic works."""
     qemu, agent = boot_with_agent(testbed, VmConfig(backend="vhost-user"))
     backend = testbed.backend
-    start_iperf3_server(agent)
+    agent.start_iperf3_server()
     client = testbed.host_popen(["iperf3", "-c", GUEST_IP, "-t", "60"], "iperf3-client")
     start = testbed.tap_counters()["tx_bytes"]
     deadline = time.monotonic() + 30
@@ -341,19 +331,19 @@ def test_qemu_killed_mid_transfer(testbed):
     qemu2, agent2 = boot_with_agent(testbed, VmConfig(backend="vhost-user"))
     assert testbed.backend is backend and backend.alive
     ping_both_ways(testbed, agent2, count=2)
-    start_iperf3_server(agent2)
+    agent2.start_iperf3_server()
     data = testbed.iperf3(nbytes=32 * MiB)
     assert data["end"]["sum_received"]["bytes"] >= 16 * MiB
     assert len(re.findall(r"front-end connected", backend.log_text())) == 2
 
 
 @pytest.mark.heavy
-def test_backend_restart_under_running_qemu(testbed, ring):
+def test_backend_restart_under_running_qemu(testbed, packed):
     """The backend ends (SIGTERM) and a new one starts on the same socket while QEMU
     (``reconnect=1``) keeps running: QEMU reconnects, and traffic resumes within a few
     seconds."""
     qemu, agent = boot_with_agent(testbed, VmConfig(backend="vhost-user", reconnect=True,
-                                                    packed=ring == "packed"))
+                                                    packed=packed))
     ping_both_ways(testbed, agent, count=2)
     first = testbed.backend
     assert first.stop() == 0

@@ -134,10 +134,7 @@ class _Guest:
             self.qemu = self.tb.boot(VmConfig(backend=backend))
             self.agent = self.tb.agent()
             self.agent.wait(60)
-            self.agent.run(f"iperf3 -s -D -p {IPERF_PORT} && i=0 && "
-                           f"while ! netstat -ltn | grep -q ':{IPERF_PORT} ' && [ $i -lt 100 ];"
-                           f" do sleep 0.1; i=$((i+1)); done; "
-                           f"netstat -ltn | grep -q ':{IPERF_PORT} '")
+            self.agent.start_iperf3_server(IPERF_PORT)
         except BaseException:
             self.tb.close()
             raise

@@ -548,6 +548,13 @@ class Agent:
                 time.sleep(0.2)
         raise AgentError(f"guest agent not answering after {timeout:.0f} s: {last}")
 
+    def start_iperf3_server(self, port: int = 5201) -> None:
+        """``iperf3 -s -D`` in the guest, returning once it listens (10 s at most; an
+        :class:`AgentError` if it does not)."""
+        self.run(f"iperf3 -s -D -p {port} && i=0 && "
+                 f"while ! netstat -ltn | grep -q ':{port} ' && [ $i -lt 100 ]; "
+                 f"do sleep 0.1; i=$((i+1)); done; netstat -ltn | grep -q ':{port} '")
+
 
 # ---------------------------------------------------------------------------------------
 # features
