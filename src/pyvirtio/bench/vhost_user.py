@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -53,9 +52,10 @@ from vqcore import netbench
 
 from pyvirtio.backends.tap import TUN_DEVICE, Tap
 from pyvirtio.bench.figures import Figure, skip
+from pyvirtio.bench.guest import IPERF_PORT, UDP64_PAYLOAD, udp_pps
 from pyvirtio.bench.tap import (OTHER_MAC, Sample, _checksum, _quiet, thread_cpu_ns,
                                 tx_frame)
-from pyvirtio.guest.harness import iperf3_json, wait_while_running
+from pyvirtio.guest.harness import end_process, iperf3_json, tcp_sockets, wait_while_running
 from pyvirtio.net.driver import wait_used
 from pyvirtio.net.header import (HDR_LEN, VIRTIO_NET_HDR_F_NEEDS_CSUM,
                                  VIRTIO_NET_HDR_GSO_TCPV4, VirtioNetHdr)
@@ -104,9 +104,6 @@ PVP_TAP_A, PVP_TAP_B = "pvpa0", "pvpb0"
 PVP_VETH_A, PVP_VETH_B = "pvpva", "pvpvb"
 PVP_NET = "10.79.0."          # TAPs (through our forwarder)
 VETH_NET = "10.79.1."         # the veth pair (the kernel's path)
-IPERF_PORT = 5201
-#: UDP payload that makes a 64-byte Ethernet frame (14 + 20 + 8 + 22)
-UDP64_PAYLOAD = 22
 
 NOTE_RING = ("the front-end (Python, one thread, per-chunk replay of pre-written slots; it "
              "spins against --poll) against pyvirtio net --sink (TX through vqcore's "
@@ -248,15 +245,7 @@ class BackendProcess:
     def stop(self) -> None:
         """SIGTERM (a clean shutdown: socket and any TAP it created removed), then SIGKILL
         after 15 s; only this process."""
-        if self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            log.warning("pyvirtio net (pid %d) ignored SIGTERM: SIGKILL", self.proc.pid)
-            self.proc.kill()
-            self.proc.wait(15)
+        end_process(self.proc, "pyvirtio net", term_timeout=15)
 
 
 def _ip(*argv: str) -> str:
@@ -395,12 +384,9 @@ def iperf3_rate(ns: str, address: str, seconds: int, *, udp: bool = False,
     except subprocess.TimeoutExpired as exc:
         raise VhostUserBenchError(f"iperf3 to {address} did not end") from exc
     data = iperf3_json(proc.stdout, proc.stderr, proc.returncode, VhostUserBenchError)
-    end = data["end"]
     if udp:
-        s = end["sum"]
-        got = int(s["packets"]) - int(s.get("lost_packets", 0))
-        return got / float(s["seconds"]), data
-    return float(end["sum_received"]["bits_per_second"]), data
+        return udp_pps(data), data
+    return float(data["end"]["sum_received"]["bits_per_second"]), data
 
 
 class Iperf3Server:
@@ -414,29 +400,12 @@ class Iperf3Server:
             self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-p",
                                           str(port)], stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not self._listening():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise VhostUserBenchError("iperf3 server did not start")
-            time.sleep(0.05)
-
-    def _sockets(self, *states: str) -> int:
-        """TCP sockets of the server's port in the server's namespace in one of
-        ``states`` (/proc/net/tcp's hex codes: 0A listening, 01 established, 08
-        close-wait)."""
-        rows: list[list[str]] = []
-        for table in ("tcp", "tcp6"):
-            try:
-                with open(f"/proc/{self.proc.pid}/net/{table}") as fh:
-                    rows += [line.split() for line in fh.read().splitlines()[1:]]
-            except OSError:
-                continue
-        return sum(1 for r in rows
-                   if len(r) > 3 and r[3] in states and int(r[1].rsplit(":", 1)[1], 16) == self.port)
-
-    def _listening(self) -> bool:
-        return self._sockets("0A") > 0
+        try:
+            wait_while_running(self.proc, lambda: tcp_sockets(self.proc.pid, port, "0A") > 0,
+                               30, "iperf3 server", VhostUserBenchError)
+        except BaseException:
+            self.stop()
+            raise
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Wait until no client is connected and the server closed its side of every
@@ -444,20 +413,14 @@ class Iperf3Server:
         A path torn down before that strands the server in its test ("the server is
         busy") for the next client."""
         deadline = time.monotonic() + timeout
-        while self._sockets("01", "08"):
+        while tcp_sockets(self.proc.pid, self.port, "01", "08"):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
         return True
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        end_process(self.proc, "iperf3 server")
 
 
 # ---------------------------------------------------------------------------------------

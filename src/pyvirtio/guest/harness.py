@@ -59,7 +59,8 @@ __all__ = [
     "qemu_binary", "qemu_version", "accelerator", "backend_python", "VmConfig", "Qemu",
     "Backend", "Agent", "AgentResult", "HostResult", "Testbed", "testbed",
     "parse_features", "guest_feature_bits", "parse_snmp", "ring_stop_indices",
-    "negotiated_features", "ethtool_stats",
+    "negotiated_features", "ethtool_stats", "end_process", "tcp_sockets", "iperf3_json",
+    "wait_while_running",
 ]
 
 log = logging.getLogger("pyvirtio.guest.harness")
@@ -207,7 +208,7 @@ class _Child:
         return self.proc.pid
 
 
-def _end_process(proc: subprocess.Popen, what: str, *, term_timeout: float = 10.0) -> None:
+def end_process(proc: subprocess.Popen, what: str, *, term_timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL after ``term_timeout``; reap. Only ``proc`` itself."""
     if proc.poll() is not None:
         return
@@ -223,8 +224,11 @@ def _end_process(proc: subprocess.Popen, what: str, *, term_timeout: float = 10.
         pass
 
 
-def _tcp_listening(pid: int, port: int) -> bool:
-    """Whether a TCP socket listens on ``port`` in the namespace of process ``pid``."""
+def tcp_sockets(pid: int, port: int, *states: str) -> int:
+    """TCP sockets with local ``port`` in the network namespace of process ``pid`` in
+    one of ``states`` (/proc/net/tcp's hex codes: 0A listening, 01 established, 08
+    close-wait)."""
+    count = 0
     for table in ("tcp", "tcp6"):
         try:
             with open(f"/proc/{pid}/net/{table}") as f:
@@ -233,10 +237,10 @@ def _tcp_listening(pid: int, port: int) -> bool:
             continue
         for line in lines:
             parts = line.split()
-            if len(parts) > 3 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1],
-                                                            16) == port:
-                return True
-    return False
+            if (len(parts) > 3 and parts[3] in states
+                    and int(parts[1].rsplit(":", 1)[1], 16) == port):
+                count += 1
+    return count
 
 
 def iperf3_json(stdout: str, stderr: str, rc: int,
@@ -370,7 +374,7 @@ class Qemu(_Child):
     def stop(self) -> None:
         """End QEMU: SIGTERM (QEMU exits cleanly), then SIGKILL."""
         if self.proc is not None:
-            _end_process(self.proc, "QEMU", term_timeout=10)
+            end_process(self.proc, "QEMU", term_timeout=10)
 
     def diagnostics(self) -> str:
         return (f"--- console ({self.console}) ---\n{_tail(self.console)}\n"
@@ -432,7 +436,7 @@ class Backend(_Child):
         """SIGTERM (clean shutdown), then SIGKILL; the exit code."""
         if self.proc is None:
             return None
-        _end_process(self.proc, "pyvirtio net", term_timeout=timeout)
+        end_process(self.proc, "pyvirtio net", term_timeout=timeout)
         return self.proc.returncode
 
     def log_text(self) -> str:
@@ -700,7 +704,7 @@ class Testbed:
         the socket folder. Safe to call twice; never raises for a cleanup step."""
         for proc in self._host_procs:
             try:
-                _end_process(proc, "host command", term_timeout=5)
+                end_process(proc, "host command", term_timeout=5)
             except Exception as exc:  # noqa: BLE001 - cleanup goes on
                 log.warning("stopping host command %d: %s", proc.pid, exc)
         for qemu in self.qemus:
@@ -852,7 +856,7 @@ class Testbed:
         once it listens."""
         proc = self.host_popen(["iperf3", "-s", "-1", "-p", str(port)], f"iperf3-{port}")
         deadline = time.monotonic() + timeout
-        while not _tcp_listening(proc.pid, port):
+        while not tcp_sockets(proc.pid, port, "0A"):
             if proc.poll() is not None:
                 raise HarnessError(f"iperf3 server on port {port} exited "
                                    f"(rc={proc.returncode})")
