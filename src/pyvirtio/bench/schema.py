@@ -36,6 +36,9 @@ FIGURE = {
     },
 }
 
+#: version of the JSON layout ``pyvirtio bench --json`` writes
+SCHEMA_VERSION = 1
+
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "pyvirtio bench --json",
@@ -43,7 +46,7 @@ SCHEMA: dict[str, Any] = {
     "required": ["schema", "environment", "settings", "seconds", "figures", "skipped",
                  "vs_vhost_net"],
     "properties": {
-        "schema": {"const": 1},
+        "schema": {"const": SCHEMA_VERSION},
         "environment": {
             "type": "object",
             "required": ["cpu", "cores", "kernel", "machine", "python", "packages", "tools",

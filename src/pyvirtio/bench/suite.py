@@ -22,6 +22,7 @@ from pyvirtio.bench.figures import (
     render,
     skip,
 )
+from pyvirtio.bench.schema import SCHEMA_VERSION
 from pyvirtio.bench.tap import level_tap
 
 log = logging.getLogger("pyvirtio.bench")
@@ -236,8 +237,6 @@ class Report:
                 "vs_vhost_net": self.versus}
 
 
-#: version of the JSON layout (``pyvirtio.bench.schema`` validates it)
-SCHEMA_VERSION = 1
 
 
 def check_levels(only: list[str] | None) -> list[str]:
