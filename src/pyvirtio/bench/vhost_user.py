@@ -41,7 +41,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,8 +52,8 @@ from vqcore import netbench
 from pyvirtio.backends.tap import TUN_DEVICE, Tap
 from pyvirtio.bench.figures import Figure, skip
 from pyvirtio.bench.guest import IPERF_PORT, UDP64_PAYLOAD, udp_pps
-from pyvirtio.bench.tap import (OTHER_MAC, Sample, _checksum, _quiet, thread_cpu_ns,
-                                tx_frame)
+from pyvirtio.bench.tap import (OTHER_MAC, Sample, _checksum, _quiet, _threads,
+                                thread_cpu_ns, tx_frame)
 from pyvirtio.guest.harness import end_process, iperf3_json, tcp_sockets, wait_while_running
 from pyvirtio.net.driver import wait_used
 from pyvirtio.net.header import (HDR_LEN, VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -347,21 +346,12 @@ def generate(fe, frame: bytes, header: bytes, frames: int, *, spin: bool = False
 def _writev_threads(fds: Sequence[int], frame: bytes, frames: int) -> tuple[float, int]:
     """C ``writev`` loops, one thread per fd (``frame`` carries its own header):
     (seconds of the slowest, frames written)."""
-    out: list[tuple[int, int, float] | None] = [None] * len(fds)
     per = max(frames // len(fds), 1)
-
-    def run(k: int) -> None:
-        out[k] = netbench.writev_loop(fds[k], frame, per, hdr_len=0, timeout=RUN_TIMEOUT)
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(fds))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    done = [r for r in out if r is not None]
-    if len(done) != len(out):
+    results = _threads(lambda k: netbench.writev_loop(fds[k], frame, per, hdr_len=0,
+                                                      timeout=RUN_TIMEOUT), len(fds))
+    if any(r is None for r in results):
         raise VhostUserBenchError("a writev thread failed")
-    return max(r[2] for r in done), sum(r[0] for r in done)
+    return max(r[0][2] for r in results), sum(r[0][0] for r in results)
 
 
 # ---------------------------------------------------------------------------------------
