@@ -151,15 +151,11 @@ class BackendStateError(VhostUserError, RuntimeError):
     """The back-end is used after :meth:`VhostUserNetBackend.close`."""
 
 
-def packed_slot_state(flags: int, wrap: int) -> str:
-    """What a packed descriptor's flags say about its slot for a device at wrap counter
-    ``wrap``: "avail" (made available for this lap), "used" (a used element of this lap),
-    "old" (a used element of the previous lap, or a never written zero slot at the
-    start) or "next" (made available for the next lap)."""
-    a, u = bool(flags & VIRTQ_DESC_F_AVAIL), bool(flags & VIRTQ_DESC_F_USED)
-    if a == u:
-        return "used" if a == bool(wrap) else "old"
-    return "avail" if a == bool(wrap) else "next"
+#: what a packed descriptor's flags say about its slot for a device at wrap counter w,
+#: in the order a device's ring reads from slot 0 on: made available for the next lap,
+#: used in this lap, made available for this lap, used in the previous lap (or a never
+#: written zero slot at the start)
+SLOT_STATES = ("next", "used", "avail", "old")
 
 
 def _avail_used_bits(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,11 +164,25 @@ def _avail_used_bits(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (flags & VIRTQ_DESC_F_AVAIL) != 0, (flags & VIRTQ_DESC_F_USED) != 0
 
 
+def packed_slot_codes(flags: np.ndarray, wrap: int) -> np.ndarray:
+    """Each slot's state for a device at wrap counter ``wrap``, as an index into
+    :data:`SLOT_STATES`."""
+    a, u = _avail_used_bits(flags)
+    mine = a == bool(wrap)
+    return np.where(a == u, np.where(mine, 1, 3), np.where(mine, 2, 0))
+
+
+def packed_slot_state(flags: int, wrap: int) -> str:
+    """The :data:`SLOT_STATES` name of one descriptor's flags for a device at wrap
+    counter ``wrap``."""
+    return SLOT_STATES[int(packed_slot_codes([flags], wrap)[0])]
+
+
 def packed_ring_is_fresh(flags: np.ndarray) -> bool:
     """Whether a packed ring's flags are those of a ring no device used yet: slots made
     available for the first lap (wrap counter 1) from slot 0 on, the rest zero."""
-    a, u = _avail_used_bits(flags)
-    return bool(not u.any() and np.all(np.diff(a.astype(np.int8)) <= 0))
+    _, u = _avail_used_bits(flags)
+    return bool(not u.any() and packed_ring_position(flags) == PACKED_WRAP)
 
 
 def packed_ring_position(flags: np.ndarray) -> int | None:
@@ -181,20 +191,17 @@ def packed_ring_position(flags: np.ndarray) -> int | None:
 
     Model: chains of one descriptor each (as Linux's virtio-net driver posts them:
     single RX buffers, indirect tables for multi-part TX), processed in order. For a
-    device at slot P with wrap counter w, the slots read from 0 on are: made available
-    for the next lap (A(!w)), used in this lap (U(w)) up to P, then made available for
-    this lap (A(w)) and used in the previous lap (U(!w), or zero) — in that order. The
+    device at slot P with wrap counter w, the slots read from 0 on are in
+    :data:`SLOT_STATES` order: made available for the next lap, used in this lap up to
+    P, then made available for this lap and used in the previous lap (or zero). The
     wrap counter for which the ring reads so decides P; both must agree if both do.
     A chain of several descriptors leaves slots that break the order: None.
     """
     if len(flags) == 0:
         return None
-    a, u = _avail_used_bits(flags)
-    used = a == u
     found = set()
     for w in (0, 1):
-        mine = a == w
-        code = np.where(used, np.where(mine, 1, 3), np.where(mine, 2, 0))
+        code = packed_slot_codes(flags, w)
         if np.all(np.diff(code) >= 0):
             later = np.flatnonzero(code >= 2)
             if len(later):
