@@ -711,14 +711,16 @@ class VhostUserNetBackend:
                  ", polled" if ring.poll else "")
 
     def _stop_ring(self, ring: RingState) -> int:
-        """Stop ``ring``; returns its next available index."""
+        """Stop ``ring``; returns its base for GET_VRING_BASE (split: the next available
+        index; packed: both positions, :func:`encode_vring_base`)."""
         if not ring.started:
             return ring.base
         dev = self.device
         pair = ring.index // 2
         dev.stop_pair(pair)
         queue = dev.queues[ring.index]
-        base = encode_vring_base(queue.next_avail, queue.next_used, packed=dev.packed)
+        avail, used = queue.next_avail, queue.next_used
+        base = encode_vring_base(avail, used, packed=dev.packed)
         if queue.in_flight:
             log.warning("%s: ring %d stopped with %d chain(s) in flight", self.name,
                         ring.index, queue.in_flight)
@@ -732,8 +734,7 @@ class VhostUserNetBackend:
         if dev.packed:
             log.info("%s: ring %d stopped at index %d (%#x: avail slot %d wrap %d, used "
                      "slot %d wrap %d)", self.name, ring.index, base, base,
-                     base & PACKED_SLOT_MASK, (base >> 15) & 1,
-                     (base >> 16) & PACKED_SLOT_MASK, base >> 31)
+                     avail & PACKED_SLOT_MASK, avail >> 15, used & PACKED_SLOT_MASK, used >> 15)
         else:
             log.info("%s: ring %d stopped at index %d", self.name, ring.index, base)
         return base
