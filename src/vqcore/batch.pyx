@@ -23,6 +23,22 @@ Chain.__doc__ = ("One chain of a batch: head id, segments as (gpa, length, writa
                  "readable and writable byte totals, token, used length.")
 
 
+cdef inline bint _chain_bytes(const uint64_t[::1] ln, Py_ssize_t pos, uint32_t n,
+                              uint32_t nread, uint64_t *rb, uint64_t *wb) noexcept nogil:
+    """Readable (the first ``nread``) and writable bytes of the ``n`` segments from
+    ``pos``; False as soon as either passes 2**32-1 (a chain's length is 32 bits)."""
+    cdef Py_ssize_t k
+    rb[0] = wb[0] = 0
+    for k in range(n):
+        if <uint32_t>k < nread:
+            rb[0] += ln[pos + k]
+        else:
+            wb[0] += ln[pos + k]
+        if rb[0] > 0xFFFFFFFFu or wb[0] > 0xFFFFFFFFu:
+            return False
+    return True
+
+
 cdef inline void *_ptr(object arr):
     # the arrays are owned by the batch and never resized: their data pointer is stable
     return <void *><uintptr_t>arr.ctypes.data
@@ -243,33 +259,22 @@ cdef class ChainBatch:
         cdef Py_ssize_t nchains = cnt.shape[0], nseg = addr.shape[0]
         cdef Py_ssize_t i, k, pos
         cdef uint64_t total = 0, rb, wb
-        cdef uint64_t max_len = 0xFFFFFFFFu
         cdef bint bad_chain = False, too_long = False
         if ln.shape[0] != nseg or nrd.shape[0] != nchains or tok.shape[0] != nchains:
             raise ValueError("array lengths do not match")
-        with nogil:
+        with nogil:       # one pass of checks; the lengths of the chains within the arrays
             for i in range(nchains):
-                total += cnt[i]
                 if cnt[i] == 0 or nrd[i] > cnt[i]:
                     bad_chain = True
+                if total + cnt[i] <= <uint64_t>nseg and not too_long:
+                    too_long = not _chain_bytes(ln, <Py_ssize_t>total, cnt[i], nrd[i], &rb, &wb)
+                total += cnt[i]
         if total != <uint64_t>nseg:
             raise ValueError("seg_count does not add up to the number of segments")
         if nchains > self.b.max_chains or nseg > self.b.max_segs:
             raise BatchTooSmall(f"{nchains} chains / {nseg} segments exceed the batch", code=-21)
         if bad_chain:
             raise InvalidChain("each chain needs >= 1 segment and readable_count <= seg_count")
-        with nogil:
-            pos = 0
-            for i in range(nchains):
-                rb = wb = 0
-                for k in range(pos, pos + cnt[i]):
-                    if k - pos < nrd[i]:
-                        rb += ln[k]
-                    else:
-                        wb += ln[k]
-                    if rb > max_len or wb > max_len:
-                        too_long = True
-                pos += cnt[i]
         if too_long:
             raise InvalidChain("chain longer than 2**32-1 bytes")
         cdef vq_batch *b = &self.b
@@ -281,15 +286,11 @@ cdef class ChainBatch:
                 b.token[i] = tok[i]
                 b.head[i] = 0
                 b.used_len[i] = 0
-                rb = wb = 0
                 for k in range(pos, pos + cnt[i]):
                     b.seg_gpa[k] = addr[k]
                     b.iov[k].iov_base = NULL
                     b.iov[k].iov_len = ln[k]
-                    if k - pos < nrd[i]:
-                        rb += ln[k]
-                    else:
-                        wb += ln[k]
+                _chain_bytes(ln, pos, cnt[i], nrd[i], &rb, &wb)
                 b.rbytes[i] = <uint32_t>rb
                 b.wbytes[i] = <uint32_t>wb
                 pos += cnt[i]
