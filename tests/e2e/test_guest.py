@@ -24,7 +24,7 @@ from pyvirtio.vhost_user.backend import VHOST_USER_NET_FEATURES
 
 from pyvirtio.guest.harness import (BACKENDS, GUEST_IP, GUEST_MAC, HOST_IP, VmConfig,
                                     ethtool_stats, guest_feature_bits, negotiated_features,
-                                    parse_snmp, ring_stop_indices)
+                                    pair_stats, parse_snmp, ring_stop_indices)
 from pyvirtio.guest.image import (GuestImageError, kernel_cmdline, module_depends,
                                   module_load_order)
 
@@ -238,17 +238,6 @@ def test_negotiated_features(testbed):
     assert re.search(r"rx-checksumming: on", k), k
 
 
-def pair_stats(backend_log: str) -> dict[int, dict[str, dict[str, int]]]:
-    """pair -> {"rx": counters, "tx": counters} of the last ``pair N stats`` lines of a
-    ``pyvirtio net`` log (logged when a front-end disconnects, and on SIGUSR1)."""
-    out: dict[int, dict[str, dict[str, int]]] = {}
-    for m in re.finditer(r"pair (\d+) stats[^:]*: rx ([^;\n]*); tx ([^\n]*)", backend_log):
-        out[int(m.group(1))] = {
-            d: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text)}
-            for d, text in (("rx", m.group(2)), ("tx", m.group(3)))}
-    return out
-
-
 def test_two_queue_pairs(testbed, backend, packed):
     """``-smp 2`` and 2 queue pairs: the guest runs 2 combined channels; a TCP sender
     pinned to each vCPU moves traffic through both pairs, as the guest's per-queue
@@ -420,6 +409,13 @@ def test_kernel_cmdline_and_feature_parsers():
                 "x: ring 0 stopped at index 5\nx: ring 0 stopped at index 9\n")
     assert negotiated_features(log_text) == 1 | 1 << 32
     assert ring_stop_indices(log_text) == {0: 9}
+    stats = ("x: pair 0 stats (SIGUSR1): rx packets=1 bytes=60; tx packets=2 bytes=120\n"
+             "x: pair 1 stats: rx packets=0 bytes=0; tx packets=0 bytes=0\n"
+             "x: pair 0 stats (connection ended): rx packets=3 bytes=180; tx packets=4 "
+             "bytes=240\n")
+    assert pair_stats(stats) == {
+        0: {"rx": {"packets": 3, "bytes": 180}, "tx": {"packets": 4, "bytes": 240}},
+        1: {"rx": {"packets": 0, "bytes": 0}, "tx": {"packets": 0, "bytes": 0}}}
     snmp = ("Ip: Forwarding DefaultTTL ReasmReqds\nIp: 2 64 7\n"
             "Icmp: InMsgs\nIcmp: 3\n")
     assert parse_snmp(snmp) == {"Forwarding": 2, "DefaultTTL": 64, "ReasmReqds": 7}

@@ -59,8 +59,8 @@ __all__ = [
     "qemu_binary", "qemu_version", "accelerator", "backend_python", "VmConfig", "Qemu",
     "Backend", "Agent", "AgentResult", "HostResult", "Testbed", "testbed",
     "parse_features", "guest_feature_bits", "parse_snmp", "ring_stop_indices",
-    "negotiated_features", "ethtool_stats", "end_process", "tcp_sockets", "iperf3_json",
-    "wait_while_running",
+    "negotiated_features", "pair_stats", "ethtool_stats", "end_process", "tcp_sockets",
+    "iperf3_json", "wait_while_running",
 ]
 
 log = logging.getLogger("pyvirtio.guest.harness")
@@ -189,10 +189,6 @@ class VmConfig:
 # ---------------------------------------------------------------------------------------
 # processes
 
-def _alive(proc: subprocess.Popen | None) -> bool:
-    return proc is not None and proc.poll() is None
-
-
 class _Child:
     """A process the harness started (``proc`` once started)."""
 
@@ -200,7 +196,7 @@ class _Child:
 
     @property
     def alive(self) -> bool:
-        return _alive(self.proc)
+        return self.proc is not None and self.proc.poll() is None
 
     @property
     def pid(self) -> int:
@@ -290,7 +286,6 @@ class Qemu(_Child):
         self.log_path = log_path
         self.config = config
         self.netns = netns
-        self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.boot_seconds: float | None = None
         self.features: str | None = None     # sysfs bit string at the last VQ-READY
@@ -397,7 +392,6 @@ class Backend(_Child):
         self.log_path = log_path
         self.argv = [backend_python(), "-m", "pyvirtio", "net", "--socket-path",
                      str(socket_path), "--tap", tap, "--queues", str(queues), *extra]
-        self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = BACKEND_START_TIMEOUT) -> None:
         """Start the backend and wait until it listens on its socket."""
@@ -603,6 +597,17 @@ def ring_stop_indices(backend_log: str) -> dict[int, int]:
     out: dict[int, int] = {}
     for m in re.finditer(r"ring (\d+) stopped at index (\d+)", backend_log):
         out[int(m.group(1))] = int(m.group(2))
+    return out
+
+
+def pair_stats(backend_log: str) -> dict[int, dict[str, dict[str, int]]]:
+    """pair -> {"rx": counters, "tx": counters} of the last ``pair N stats`` lines of a
+    ``pyvirtio net`` log (logged when a front-end disconnects, and on SIGUSR1)."""
+    out: dict[int, dict[str, dict[str, int]]] = {}
+    for m in re.finditer(r"pair (\d+) stats[^:]*: rx ([^;\n]*); tx ([^\n]*)", backend_log):
+        out[int(m.group(1))] = {
+            d: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text)}
+            for d, text in (("rx", m.group(2)), ("tx", m.group(3)))}
     return out
 
 
