@@ -49,11 +49,12 @@ from typing import TYPE_CHECKING, Any
 
 from vqcore import netbench
 
-from pyvirtio.backends.tap import TUN_DEVICE, Tap
+from pyvirtio.backends.tap import Tap
 from pyvirtio.bench.figures import Figure, skip
 from pyvirtio.bench.guest import IPERF_PORT, UDP64_PAYLOAD, udp_pps
 from pyvirtio.bench.tap import (OTHER_MAC, Sample, _checksum, _quiet, _threads,
                                 thread_cpu_ns, tx_frame)
+from pyvirtio.bench.tap import skip_reason as tap_skip_reason
 from pyvirtio.guest.harness import end_process, iperf3_json, tcp_sockets, wait_while_running
 from pyvirtio.net.driver import wait_used
 from pyvirtio.net.header import (HDR_LEN, VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -132,11 +133,11 @@ class VhostUserBenchError(RuntimeError):
 
 
 def needs_root_reason() -> str | None:
-    """Why the TAP and PVP parts cannot run here, or ``None``."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and TAP devices)"
-    if not os.path.exists(TUN_DEVICE):
-        return f"{TUN_DEVICE} does not exist"
+    """Why the TAP and PVP parts cannot run here, or ``None``: the tap level's reasons
+    (root, ``/dev/net/tun``), and iproute2."""
+    reason = tap_skip_reason()
+    if reason is not None:
+        return reason
     if shutil.which("ip") is None:
         return "needs iproute2's ip command"
     return None
