@@ -26,8 +26,9 @@ ethtool, a small guest agent and :data:`INIT_SCRIPT` as ``/init``, which:
 vq-agent``; each TCP connection carries one command line, then the command's stdin (the
 rest of the stream) and its stdout+stderr followed by ``VQ-RC <n>``.
 
-The image is built once and cached under ``.cache/e2e/<key>`` of the repository
-(ignored by git; ``VQ_E2E_CACHE`` overrides the folder), where the key hashes the
+The image is built once and cached under ``<root>/<key>`` (:func:`default_cache_root`:
+``$VQ_E2E_CACHE``, else ``.cache/e2e`` of a source checkout, ignored by git, else
+``~/.cache/pyvirtio/guest`` for an installed package), where the key hashes the
 package versions, the host binaries copied in and the scripts.
 
 Use it as a module (:func:`build_image`) or a command::
@@ -557,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pyvirtio.guest.image``: build (or find) the image, print its paths."""
     p = argparse.ArgumentParser(description="Build the e2e guest image (cached).")
     p.add_argument("--cache", type=Path, default=None,
-                   help="cache folder (default: $VQ_E2E_CACHE or .cache/e2e)")
+                   help="cache folder (default: $VQ_E2E_CACHE, else .cache/e2e of a source "
+                        "checkout, else ~/.cache/pyvirtio/guest)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
