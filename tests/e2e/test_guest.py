@@ -13,6 +13,10 @@ import base64
 import hashlib
 import os
 import re
+import shutil
+import socket
+import subprocess
+import threading
 import time
 
 import pytest
@@ -23,8 +27,9 @@ from pyvirtio.features import describe
 from pyvirtio.vhost_user.backend import VHOST_USER_NET_FEATURES
 
 from pyvirtio.guest.harness import (BACKENDS, GUEST_IP, GUEST_MAC, HOST_IP, VmConfig,
-                                    ethtool_stats, guest_feature_bits, negotiated_features,
-                                    pair_stats, parse_snmp, ring_stop_indices)
+                                    end_process, ethtool_stats, guest_feature_bits,
+                                    iperf3_client, negotiated_features, pair_stats,
+                                    parse_snmp, ring_stop_indices)
 from pyvirtio.guest.image import (GuestImageError, kernel_cmdline, module_depends,
                                   module_load_order)
 
@@ -421,3 +426,52 @@ def test_kernel_cmdline_and_feature_parsers():
     assert parse_snmp(snmp) == {"Forwarding": 2, "DefaultTTL": 64, "ReasmReqds": 7}
     assert ethtool_stats("NIC statistics:\n     rx_queue_0_packets: 12\n") == {
         "rx_queue_0_packets": 12}
+
+
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
+def test_iperf3_client_waits_for_a_server_between_tests(caplog):
+    """A client that finds no listener (iperf3's server closes it between two tests) or a
+    busy server is started again until the server answers, up to ``retry_for``; any
+    other failure is raised at once. Real iperf3 on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = []
+
+    def client(*extra: str):
+        def run():
+            runs.append(extra)
+            p = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-J",
+                                "-t", "1", *extra], capture_output=True, text=True,
+                               timeout=30)
+            return p.stdout, p.stderr, p.returncode
+        return run
+
+    # no server for 0.5 s: refused, then the one-off server answers
+    server: list[subprocess.Popen] = []
+    timer = threading.Timer(0.5, lambda: server.append(subprocess.Popen(
+        ["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    timer.start()
+    try:
+        with caplog.at_level("INFO", logger="pyvirtio.guest.harness"):
+            data = iperf3_client(client(), retry_for=30.0)
+    finally:
+        timer.join()
+        for proc in server:
+            end_process(proc, "iperf3 server")
+    assert data["end"]["sum_received"]["bytes"] > 0
+    assert len(runs) > 1
+    assert any("not ready" in r.getMessage() for r in caplog.records)
+
+    # nobody ever listens: the refusal is raised once retry_for has passed
+    runs.clear()
+    with pytest.raises(RuntimeError, match=r"Connection refused \(after \d+ attempts"):
+        iperf3_client(client(), retry_for=0.5)
+    assert len(runs) > 1
+
+    # any other failure is not retried
+    runs.clear()
+    with pytest.raises(RuntimeError, match="iperf3 printed no JSON"):
+        iperf3_client(client("--no-such-option"), retry_for=30.0)
+    assert len(runs) == 1

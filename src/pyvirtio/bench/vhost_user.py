@@ -55,7 +55,7 @@ from pyvirtio.bench.guest import IPERF_PORT, UDP64_PAYLOAD, udp_pps
 from pyvirtio.bench.tap import (OTHER_MAC, Sample, _checksum, _quiet, _threads,
                                 thread_cpu_ns, tx_frame)
 from pyvirtio.bench.tap import skip_reason as tap_skip_reason
-from pyvirtio.guest.harness import end_process, iperf3_json, tcp_sockets, wait_while_running
+from pyvirtio.guest.harness import end_process, iperf3_client, tcp_sockets, wait_while_running
 from pyvirtio.net.driver import wait_used
 from pyvirtio.net.header import (HDR_LEN, VIRTIO_NET_HDR_F_NEEDS_CSUM,
                                  VIRTIO_NET_HDR_GSO_TCPV4, VirtioNetHdr)
@@ -370,11 +370,15 @@ def iperf3_rate(ns: str, address: str, seconds: int, *, udp: bool = False,
         argv += ["-P", str(streams)]
     if udp:
         argv += ["-u", "-l", str(UDP64_PAYLOAD), "-b", "0"]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
-    except subprocess.TimeoutExpired as exc:
-        raise VhostUserBenchError(f"iperf3 to {address} did not end") from exc
-    data = iperf3_json(proc.stdout, proc.stderr, proc.returncode, VhostUserBenchError)
+
+    def run() -> tuple[str, str, int]:
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True,
+                                  timeout=seconds + 30)
+        except subprocess.TimeoutExpired as exc:
+            raise VhostUserBenchError(f"iperf3 to {address} did not end") from exc
+        return proc.stdout, proc.stderr, proc.returncode
+    data = iperf3_client(run, VhostUserBenchError)
     if udp:
         return udp_pps(data), data
     return float(data["end"]["sum_received"]["bits_per_second"]), data

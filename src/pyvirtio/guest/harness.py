@@ -60,7 +60,7 @@ __all__ = [
     "Backend", "Agent", "AgentResult", "HostResult", "Testbed", "testbed",
     "parse_features", "guest_feature_bits", "parse_snmp", "ring_stop_indices",
     "negotiated_features", "pair_stats", "ethtool_stats", "end_process", "tcp_sockets",
-    "iperf3_json", "wait_while_running",
+    "iperf3_json", "iperf3_client", "IPERF3_NOT_READY", "wait_while_running",
 ]
 
 log = logging.getLogger("pyvirtio.guest.harness")
@@ -251,6 +251,39 @@ def iperf3_json(stdout: str, stderr: str, rc: int,
     if "error" in data:
         raise error(f"iperf3: {data['error']}")
     return data
+
+
+#: iperf3 errors that mean the server sat between two tests when the client came: it
+#: closes its listening socket after each test and opens it again for the next (under
+#: TCG that gap lasts long enough for a client started right away), or it had not yet
+#: seen the last client go. Nothing was measured, so the run is simply made again.
+IPERF3_NOT_READY = ("Connection refused", "the server is busy running a test")
+
+
+def iperf3_client(run: Callable[[], tuple[str, str, int]],
+                  error: type[Exception] = RuntimeError, *, retry_for: float = 10.0,
+                  pause: float = 0.1) -> dict:
+    """The JSON report of an ``iperf3 -c ... -J`` client that ``run`` starts (returning
+    its stdout, stderr and exit code). A run that failed with one of
+    :data:`IPERF3_NOT_READY` is made again every ``pause`` seconds for up to
+    ``retry_for`` seconds; any other failure, or the last one, is ``error``."""
+    deadline = time.monotonic() + retry_for
+    attempts = 0
+    while True:
+        attempts += 1
+        stdout, stderr, rc = run()
+        try:
+            return iperf3_json(stdout, stderr, rc, error)
+        except error as exc:
+            text = str(exc)
+            if (not any(s in text for s in IPERF3_NOT_READY)
+                    or time.monotonic() + pause > deadline):
+                if attempts > 1:
+                    raise error(f"{text} (after {attempts} attempts in "
+                                f"{retry_for:g} s)") from exc
+                raise
+            log.info("iperf3 server not ready (%s): again in %.1f s", text, pause)
+            time.sleep(pause)
 
 
 def wait_while_running(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float,
@@ -882,7 +915,8 @@ class Testbed:
                nbytes: int | None = None, udp: bool = False, length: int | None = None,
                bitrate: str | None = None, parallel: int = 1, port: int = 5201,
                timeout: float = 120.0) -> dict:
-        """iperf3 client in the namespace against the guest's server; the JSON result."""
+        """iperf3 client in the namespace against the guest's server; the JSON result
+        (made again while the server is between two tests: :func:`iperf3_client`)."""
         argv = ["iperf3", "-c", GUEST_IP, "-p", str(port), "-J"]
         if nbytes is not None:
             argv += ["-n", str(nbytes)]
@@ -898,8 +932,10 @@ class Testbed:
             argv += ["-b", bitrate]
         if parallel > 1:
             argv += ["-P", str(parallel)]
-        result = self.host(argv, timeout=timeout)
-        return iperf3_json(result.stdout, result.stderr, result.rc, HarnessError)
+        def run() -> tuple[str, str, int]:
+            result = self.host(argv, timeout=timeout)
+            return result.stdout, result.stderr, result.rc
+        return iperf3_client(run, HarnessError)
 
     def _tap_link(self) -> dict:
         """``ip -j -s link show vqtap0`` in the namespace."""
