@@ -420,8 +420,12 @@ def test_add_and_remove_memory_regions(tmp_path, ram):
             # QEMU used to send the region's fd with REM_MEM_REG: accepted, closed
             assert p.rem_mem_reg(extra.region(), [extra.fd]) == 0
             assert len(s.backend.regions) == 1
-            # removed again (QEMU 7.2: once per queue pair): acknowledged, nothing changes
-            assert p.rem_mem_reg(extra.region()) == 0
+            # removed again, with no add of it left: refused, nothing changes
+            assert p.rem_mem_reg(extra.region(), check=False) != 0
+            assert len(s.backend.regions) == 1
+            # a region that was never added: refused
+            assert p.rem_mem_reg(MemRegion(GPA_BASE + (1 << 32), 4096, 1 << 44, 0),
+                                 check=False) != 0
             assert len(s.backend.regions) == 1
             _exchange(g.driver, 0, 80, 40)
             assert g.stop() == {0: 120, 1: 120}
@@ -433,7 +437,8 @@ def test_add_and_remove_memory_regions(tmp_path, ram):
 def test_duplicate_add_mem_reg_per_queue_pair(tmp_path, ring_kind, caplog):
     """QEMU 7.2 with 2 queue pairs: each pair's vhost device sends ADD_MEM_REG of the
     same region (and later REM_MEM_REG): the copy is acknowledged and its fd closed,
-    one mapping serves both pairs, and traffic flows on both."""
+    one mapping serves both pairs, and traffic flows on both. The first REM_MEM_REG
+    unmaps it, pair 1's is acknowledged, a third is refused."""
     ram = GuestRam(16 << 20, name=f"vu-dup-{os.getpid()}")
     try:
         with serving(tmp_path, "loopback", queues=2) as s, s.connect() as p:
@@ -458,11 +463,48 @@ def test_duplicate_add_mem_reg_per_queue_pair(tmp_path, ring_kind, caplog):
             assert g.stop() == {0: g.base(60), 1: g.base(60), 2: g.base(70),
                                 3: g.base(70)}
             assert p.rem_mem_reg(ram.region()) == 0
-            assert p.rem_mem_reg(ram.region()) == 0       # pair 1's removal
             assert not s.backend.regions
+            assert _memfd_maps(ram.name) == 1
+            assert p.rem_mem_reg(ram.region()) == 0       # pair 1's removal
+            assert p.rem_mem_reg(ram.region(), check=False) != 0
             g.close()
     finally:
         ram.close()
+
+
+def test_region_replaced_per_queue_pair(tmp_path):
+    """QEMU 7.2 with 2 queue pairs replacing a region: pair 0 removes it and adds a
+    larger one over the same guest-physical range, then pair 1 does the same. Both
+    steps are acknowledged and leave one mapping of the new region; a removal beyond
+    the copies, or of a region never added, is refused; SET_MEM_TABLE forgets the
+    copies still to be removed."""
+    ram = GuestRam(1 << 20, gpa=GPA_BASE + (1 << 30), name=f"vu-rep-{os.getpid()}")
+    big = GuestRam(2 << 20, gpa=GPA_BASE + (1 << 30), name=f"vu-big-{os.getpid()}")
+    rings = GuestRam(1 << 20, name=f"vu-rings-{os.getpid()}")
+    try:
+        with serving(tmp_path, "loopback", queues=2) as s, s.connect() as p:
+            p.negotiate_protocol()
+            for fd in (rings.fd, ram.fd, ram.fd):           # pair 1 adds ram again
+                region = rings.region() if fd == rings.fd else ram.region()
+                assert p.add_mem_reg(region, fd) == 0
+            assert len(s.backend.regions) == 2
+            for _pair in (0, 1):
+                assert p.rem_mem_reg(ram.region()) == 0
+                assert p.add_mem_reg(big.region(), big.fd) == 0
+                assert [m.region for m in s.backend.regions] == [rings.region(),
+                                                                big.region()]
+            assert _memfd_maps(ram.name) == 1                # ours only
+            assert _memfd_maps(big.name) == 2
+            assert p.rem_mem_reg(ram.region(), check=False) != 0
+            assert p.rem_mem_reg(MemRegion(GPA_BASE + (1 << 34), 4096, 1 << 44, 0),
+                                 check=False) != 0
+            assert p.rem_mem_reg(big.region()) == 0
+            assert p.set_mem_table([rings]) == 0
+            assert p.rem_mem_reg(big.region(), check=False) != 0
+            assert [m.region for m in s.backend.regions] == [rings.region()]
+    finally:
+        for r in (ram, big, rings):
+            r.close()
 
 
 # ---- configuration, status, reset ----------------------------------------------------------

@@ -42,8 +42,10 @@ Ring life cycle, as the protocol defines it:
   then the old mapping is released. QEMU before 8.0 sends ADD_MEM_REG and REM_MEM_REG
   once per queue pair (each pair is a vhost device of its own on the one connection):
   an ADD_MEM_REG identical to a mapped region (gpa, size, user address, mmap offset) is
-  acknowledged and its fd closed, a REM_MEM_REG of a region no longer mapped is
-  acknowledged; both logged at debug level.
+  acknowledged, counted and its fd closed; the first REM_MEM_REG unmaps the region and
+  the copies' REM_MEM_REGs that follow are acknowledged, as many as there were copies
+  (meanwhile the first pair may add a region overlapping the old one). A REM_MEM_REG of
+  any other region that is not mapped is refused.
 
 The per-pair counters (:meth:`VhostUserNetBackend.pair_stats`) are logged when a
 front-end disconnects (:meth:`VhostUserNetBackend.log_pair_stats`).
@@ -267,17 +269,24 @@ class RingState:
     err_fd: int = -1                  # SET_VRING_ERR (owned)
 
 
+def region_key(r: MemRegion) -> tuple[int, int, int]:
+    """What REM_MEM_REG names a region by: (gpa, size, user address)."""
+    return r.guest_phys_addr, r.memory_size, r.userspace_addr
+
+
 @dataclass(eq=False)
 class MappedRegion:
-    """One memory region and its mapping (``mm`` covers ``mmap_offset + size``)."""
+    """One memory region and its mapping (``mm`` covers ``mmap_offset + size``).
+
+    ``adds`` counts the ADD_MEM_REGs that named this very mapping (QEMU before 8.0
+    sends one per queue pair)."""
     region: MemRegion
     mm: mmap.mmap
+    adds: int = 1
 
     def same(self, other: MemRegion) -> bool:
         """Whether ``other`` names this region (REM_MEM_REG: gpa, uva and size)."""
-        r = self.region
-        return (r.guest_phys_addr == other.guest_phys_addr and r.memory_size == other.memory_size
-                and r.userspace_addr == other.userspace_addr)
+        return region_key(self.region) == region_key(other)
 
     def identical(self, other: MemRegion) -> bool:
         """Whether ``other`` describes this very mapping (ADD_MEM_REG: gpa, size, uva
@@ -364,6 +373,9 @@ class VhostUserNetBackend:
             on_ring_error=self._ring_error)
         self.memory: GuestMemory | None = None
         self.regions: list[MappedRegion] = []
+        #: region key -> REM_MEM_REGs still to come for copies of an unmapped region
+        #: (QEMU < 8.0: the other queue pairs' removals of what one mapping served)
+        self.copies_to_remove: dict[tuple[int, int, int], int] = {}
         self.rings = [RingState(i) for i in range(2 * self.queues)]
         #: negotiated protocol features (SET_PROTOCOL_FEATURES)
         self.protocol_features = 0
@@ -907,6 +919,7 @@ class VhostUserNetBackend:
         except BaseException:
             self._release_memory(None, mapped, keep=())
             raise
+        self.copies_to_remove.clear()
         self._install_memory(memory, mapped)
 
     def _on_get_max_mem_slots(self, msg: Message, body: None) -> bytes:
@@ -914,11 +927,13 @@ class VhostUserNetBackend:
 
     def _on_add_mem_reg(self, msg: Message, body: SingleMemRegion) -> None:
         r = body.region
-        if any(m.identical(r) for m in self.regions):
+        same = [m for m in self.regions if m.identical(r)]
+        if same:
             # QEMU < 8.0: every queue pair's vhost device adds the same region
+            same[0].adds += 1
             log.debug("%s: ADD_MEM_REG of the region already mapped at gpa %#x size %#x "
-                      "(another queue pair's copy): acknowledged, fd closed", self.name,
-                      r.guest_phys_addr, r.memory_size)
+                      "(another queue pair's copy, %d adds): acknowledged, fd closed",
+                      self.name, r.guest_phys_addr, r.memory_size, same[0].adds)
             return                  # handle() closes the fd
         if len(self.regions) >= MAX_MEM_SLOTS:
             raise ProtocolError(f"all {MAX_MEM_SLOTS} memory slots are in use")
@@ -932,15 +947,28 @@ class VhostUserNetBackend:
         self._install_memory(memory, regions)
 
     def _on_rem_mem_reg(self, msg: Message, body: SingleMemRegion) -> None:
-        found = [m for m in self.regions if m.same(body.region)]
-        if not found:
-            # QEMU < 8.0: every queue pair's vhost device removes the region; the first
-            # removal took it (as the duplicate ADD_MEM_REGs were one mapping)
-            r = body.region
-            log.debug("%s: REM_MEM_REG of gpa %#x size %#x uva %#x, which is not mapped "
-                      "(already removed): acknowledged", self.name, r.guest_phys_addr,
-                      r.memory_size, r.userspace_addr)
+        r = body.region
+        key = region_key(r)
+        pending = self.copies_to_remove.get(key, 0)
+        if pending:
+            # QEMU < 8.0: another queue pair's vhost device removes its copy of a region
+            # that the first removal unmapped (that pair may have added a region
+            # overlapping it since, so the first removal cannot wait for the last)
+            if pending > 1:
+                self.copies_to_remove[key] = pending - 1
+            else:
+                del self.copies_to_remove[key]
+            log.debug("%s: REM_MEM_REG of gpa %#x size %#x: another queue pair's copy of a "
+                      "region already unmapped: acknowledged", self.name,
+                      r.guest_phys_addr, r.memory_size)
             return
+        found = [m for m in self.regions if m.same(r)]
+        if not found:
+            raise ProtocolError(f"REM_MEM_REG of gpa {r.guest_phys_addr:#x} size "
+                                f"{r.memory_size:#x} uva {r.userspace_addr:#x}: no such "
+                                f"region is mapped")
+        if found[0].adds > 1:
+            self.copies_to_remove[key] = found[0].adds - 1
         regions = [m for m in self.regions if m is not found[0]]
         self._install_memory(self._build_memory(regions), regions)
 
@@ -1159,6 +1187,6 @@ HANDLED_REQUESTS = tuple(sorted(_HANDLERS, key=int))
 
 
 __all__ = ["VhostUserNetBackend", "BackendStateError", "RingState", "MappedRegion",
-           "VHOST_USER_NET_FEATURES", "VHOST_USER_NET_RULES", "PROTOCOL_FEATURES",
+           "region_key", "VHOST_USER_NET_FEATURES", "VHOST_USER_NET_RULES", "PROTOCOL_FEATURES",
            "GUEST_OFFLOADS", "HANDLED_REQUESTS", "MAX_QUEUE_PAIRS", "DEFAULT_MAC",
            "rarp_frame", "capabilities", "protocol_names"]
