@@ -26,7 +26,7 @@ from pyvirtio.features import Transport as T
 from pyvirtio.features import describe
 from pyvirtio.vhost_user.backend import VHOST_USER_NET_FEATURES
 
-from pyvirtio.guest.harness import (BACKENDS, GUEST_IP, GUEST_MAC, HOST_IP, VmConfig,
+from pyvirtio.guest.harness import (BACKENDS, GUEST_IP, GUEST_MAC, HOST_IP, Qemu, VmConfig,
                                     end_process, ethtool_stats, guest_feature_bits,
                                     iperf3_client, negotiated_features, pair_stats,
                                     parse_snmp, ring_stop_indices)
@@ -475,3 +475,31 @@ def test_iperf3_client_waits_for_a_server_between_tests(caplog):
     with pytest.raises(RuntimeError, match="iperf3 printed no JSON"):
         iperf3_client(client("--no-such-option"), retry_for=30.0)
     assert len(runs) == 1
+
+
+def test_console_markers_wait_for_the_whole_line(tmp_path):
+    """The console file is read while the guest writes it: a marker line cut short (the
+    feature string, the exit code) is not taken until its end of line is there."""
+    console = tmp_path / "console.log"
+    features = "1110010111111111111101010000110010100000100000000000000000000000"
+    console.write_text("boot\r\nVQ-READY features=" + features[:7])
+    qemu = Qemu(["qemu"], console, tmp_path / "qemu.log", VmConfig(), "none")
+    # the process whose exit the wait watches: one that outlives the wait
+    qemu.proc = subprocess.Popen(["sleep", "60"])
+
+    def finish(text: str) -> None:
+        time.sleep(0.3)
+        with open(console, "a") as f:
+            f.write(text)
+    try:
+        writer = threading.Thread(target=finish, args=(features[7:] + "\r\nVQ-END rc=1",))
+        writer.start()
+        end = qemu.wait_ready(timeout=30)
+        writer.join()
+        assert qemu.features == features
+        writer = threading.Thread(target=finish, args=("2\r\n",))
+        writer.start()
+        assert qemu.wait_end(timeout=30, start=end) == 12
+        writer.join()
+    finally:
+        end_process(qemu.proc, "sleep")

@@ -79,8 +79,11 @@ BOOT_TIMEOUT = 90.0
 BACKEND_START_TIMEOUT = 240.0
 
 QEMU = "qemu-system-x86_64"
-_READY = re.compile(r"VQ-READY features=([01]*)")
-_END = re.compile(r"VQ-END rc=(\d+)")
+#: console markers, matched only once their line is complete: the console file is read
+#: while the guest writes it, and a half-written line would give a cut feature string or
+#: exit code
+_READY = re.compile(r"VQ-READY features=([01]*)\r?\n")
+_END = re.compile(r"VQ-END rc=(\d+)\r?\n")
 _RC = re.compile(rb"VQ-RC (\d+)\n?\Z")
 
 
