@@ -194,10 +194,12 @@ def vhost_user_offered(queues: int = 1) -> int:
 
 
 def wait_backend_log(testbed, pattern: str, count: int = 1, timeout: float = 15.0) -> str:
-    """The backend log once ``pattern`` occurs ``count`` times in it (bounded wait)."""
+    """The backend log's complete lines once ``pattern`` occurs ``count`` times in them
+    (bounded wait; a line the backend is still writing is left for the next look)."""
     deadline = time.monotonic() + timeout
     while True:
         text = testbed.backend.log_text()
+        text = text[:text.rfind("\n") + 1]
         if len(re.findall(pattern, text, re.M)) >= count:
             return text
         if time.monotonic() > deadline:
