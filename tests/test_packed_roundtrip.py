@@ -21,6 +21,8 @@ import vqcore
 import vqcore.model_packed as model_packed
 from vqcore import ChainBatch, PackedDeviceQueue
 from vqcore.errors import NotInFlight
+from vqcore.packed import (packed_desc_flags, packed_ring_is_fresh, packed_ring_position,
+                           packed_slot_state)
 
 NEXT, WRITE, INDIRECT = 1, 2, 4
 AVAIL, USED = 1 << 7, 1 << 15
@@ -329,3 +331,59 @@ def test_restore_then_wrap_counter_in_bit_15_follows_the_laps():
         assert new.next_avail == new.next_used == rig.drv.next_avail == rig.drv.last_used
         seen.add(new.next_used >> 15)
     assert seen == {0, 1}
+
+
+# ---- where a device stood, read back from the descriptor flags -----------------------------
+
+def test_packed_ring_position_from_descriptor_flags():
+    """The device position read from a packed ring's flags (one-descriptor chains):
+    A = made available for a lap's wrap counter, U = used with it."""
+    pos = packed_ring_position
+
+    def A(w):
+        return 0x80 if w else 0x8000
+
+    def U(w):
+        return 0x8080 if w else 0
+    assert pos([0] * 8) == 0x8000                              # fresh ring
+    assert pos([A(1)] * 3 + [0] * 5) == 0x8000                 # buffers, none used
+    assert pos([U(1)] * 3 + [0] * 5) == 0x8003                 # three used
+    assert pos([A(0)] * 3 + [A(1)] * 5) == 0x8003              # used and given back
+    assert pos([A(0)] * 2 + [U(1)] * 3 + [A(1)] * 2 + [U(0)]) == 0x8005
+    assert pos([U(1)] * 8) == 0x0000                           # a whole lap: slot 0, wrap 0
+    assert pos([U(0)] * 2 + [A(0)] + [U(1)] * 5) == 0x0002     # second lap
+    assert pos([A(1), U(1), A(1)] + [0] * 5) is None           # a two-descriptor chain
+    assert pos([]) is None
+    assert [packed_slot_state(f, 1) for f in (A(1), U(1), U(0), A(0))] == [
+        "avail", "used", "old", "next"]
+    assert packed_ring_is_fresh([0] * 8) and packed_ring_is_fresh([A(1)] * 3 + [0] * 5)
+    assert packed_ring_is_fresh([A(1)] * 8)
+    assert not packed_ring_is_fresh([U(1)] + [0] * 7)
+    assert not packed_ring_is_fresh([A(0)] + [A(1)] * 7)
+    assert not packed_ring_is_fresh([0, A(1)] + [0] * 6)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 8, 100])
+def test_ring_position_follows_the_engine(size):
+    """Drive the engine (driver and device) with one-descriptor chains in random steps
+    over many laps; at every step the position read back from the flags alone is the
+    device's used position (next_used): chains popped but not yet used are still marked
+    available, so a new owner starts again from the first of them."""
+    from test_packed_notifications import PRing
+    rng = np.random.default_rng(size)
+    r = PRing(vqcore, size, event_idx=False)
+    fresh = packed_desc_flags(r.mem, r.addrs.desc, size)
+    assert packed_ring_position(fresh) == 0x8000 and packed_ring_is_fresh(fresh)
+    for step in range(40 * size + 50):
+        free = r.drv.num_free
+        if free and rng.random() < 0.6:
+            r.add([1] * int(rng.integers(1, free + 1)))
+        if rng.random() < 0.6:
+            r.pop()
+        if r.held and rng.random() < 0.6:
+            r.push(int(rng.integers(1, len(r.held) + 1)))
+        if rng.random() < 0.5:
+            r.reclaim()
+        flags = packed_desc_flags(r.mem, r.addrs.desc, size)
+        assert packed_ring_position(flags) == r.dev.next_used, (step, flags.tolist())
+    assert r.used >= 10 * size, "the walk must go round the ring many times"

@@ -270,35 +270,6 @@ def test_packed_stale_base_after_a_lost_backend_is_corrected_from_the_ring(tmp_p
         g.close()
 
 
-def test_packed_ring_position_from_descriptor_flags():
-    """The device position read from a packed ring's flags (one-descriptor chains):
-    A = made available for a lap's wrap counter, U = used with it."""
-    from pyvirtio.vhost_user.backend import (packed_ring_is_fresh, packed_ring_position as pos,
-                                             packed_slot_state)
-
-    def A(w):
-        return 0x80 if w else 0x8000
-
-    def U(w):
-        return 0x8080 if w else 0
-    assert pos([0] * 8) == 0x8000                              # fresh ring
-    assert pos([A(1)] * 3 + [0] * 5) == 0x8000                 # buffers, none used
-    assert pos([U(1)] * 3 + [0] * 5) == 0x8003                 # three used
-    assert pos([A(0)] * 3 + [A(1)] * 5) == 0x8003              # used and given back
-    assert pos([A(0)] * 2 + [U(1)] * 3 + [A(1)] * 2 + [U(0)]) == 0x8005
-    assert pos([U(1)] * 8) == 0x0000                           # a whole lap: slot 0, wrap 0
-    assert pos([U(0)] * 2 + [A(0)] + [U(1)] * 5) == 0x0002     # second lap
-    assert pos([A(1), U(1), A(1)] + [0] * 5) is None           # a two-descriptor chain
-    assert pos([]) is None
-    assert [packed_slot_state(f, 1) for f in (A(1), U(1), U(0), A(0))] == [
-        "avail", "used", "old", "next"]
-    assert packed_ring_is_fresh([0] * 8) and packed_ring_is_fresh([A(1)] * 3 + [0] * 5)
-    assert packed_ring_is_fresh([A(1)] * 8)
-    assert not packed_ring_is_fresh([U(1)] + [0] * 7)
-    assert not packed_ring_is_fresh([A(0)] + [A(1)] * 7)
-    assert not packed_ring_is_fresh([0, A(1)] + [0] * 6)
-
-
 def test_ring_without_kick_fd_is_polled(tmp_path, ram, ring_kind):
     with serving(tmp_path, "loopback") as s, s.connect() as p:
         features = ring_features(p.get_features(), ring_kind == "packed")

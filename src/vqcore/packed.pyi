@@ -1,4 +1,6 @@
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
+
+import numpy as np
 
 from vqcore.memory import GuestMemory
 from vqcore.queue import DeviceQueue, DriverQueue
@@ -35,3 +37,13 @@ class PackedDriverQueue(DriverQueue):
     def __init__(self, memory: GuestMemory, size: int, desc_addr: int, driver_addr: int,
                  device_addr: int, *, event_idx: bool = False, indirect_addr: int | None = None,
                  indirect_max: int = 0, name: str = "") -> None: ...
+
+PACKED_SLOT_MASK: int
+PACKED_WRAP: int
+SLOT_STATES: tuple[str, str, str, str]
+
+def packed_desc_flags(memory: GuestMemory, desc_addr: int, size: int) -> np.ndarray: ...
+def packed_slot_codes(flags: Sequence[int] | np.ndarray, wrap: int) -> np.ndarray: ...
+def packed_slot_state(flags: int, wrap: int) -> str: ...
+def packed_ring_position(flags: Sequence[int] | np.ndarray) -> int | None: ...
+def packed_ring_is_fresh(flags: Sequence[int] | np.ndarray) -> bool: ...

@@ -230,3 +230,78 @@ cdef class PackedDriverQueue(DriverQueue):
     def __repr__(self):
         return (f"<PackedDriverQueue {self.name} size={self.size} free={self.q.num_free}"
                 f" next_avail={self.next_avail:#x} last_used={self.last_used:#x}>")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a ring a device left: where it stood, from the descriptors' flags alone
+# (a back-end that takes over a running ring, e.g. after a crash, with a stale base).
+
+#: a position as ``next_avail``/``next_used`` and vhost-user carry it: the slot in bits
+#: 0-14, the wrap counter in bit 15
+PACKED_SLOT_MASK = 0x7FFF
+PACKED_WRAP = 1 << 15
+
+#: what a packed descriptor's flags say about its slot for a device at wrap counter w,
+#: in the order a device's ring reads from slot 0 on: made available for the next lap,
+#: used in this lap, made available for this lap, used in the previous lap (or a never
+#: written zero slot at the start)
+SLOT_STATES = ("next", "used", "avail", "old")
+
+
+def packed_desc_flags(GuestMemory memory not None, desc_addr, size):
+    """A copy of the flags of the ``size`` descriptors at ``desc_addr`` (uint16 array;
+    a copy, as the driver may write the ring meanwhile)."""
+    check_packed_size(size)
+    return np.frombuffer(memory.read(desc_addr, 16 * size), "<u2")[7::8].copy()
+
+
+def _avail_used_bits(flags):
+    flags = np.asarray(flags, dtype=np.uint16)
+    return (flags & VIRTQ_DESC_F_AVAIL) != 0, (flags & VIRTQ_DESC_F_USED) != 0
+
+
+def packed_slot_codes(flags, wrap):
+    """Each slot's state for a device at wrap counter ``wrap``, as an index into
+    :data:`SLOT_STATES` (an array as long as ``flags``)."""
+    a, u = _avail_used_bits(flags)
+    mine = a == bool(wrap)
+    return np.where(a == u, np.where(mine, 1, 3), np.where(mine, 2, 0))
+
+
+def packed_slot_state(flags, wrap):
+    """The :data:`SLOT_STATES` name of one descriptor's flags for a device at wrap
+    counter ``wrap``."""
+    return SLOT_STATES[int(packed_slot_codes([flags], wrap)[0])]
+
+
+def packed_ring_position(flags):
+    """Where the device side of a packed ring stands (slot | wrap << 15), read from the
+    flags of every descriptor of the ring, or None when they do not say it clearly.
+
+    Model: chains of one descriptor each (as Linux's virtio-net driver posts them:
+    single RX buffers, indirect tables for multi-part TX), processed in order. For a
+    device at slot P with wrap counter w, the slots read from 0 on are in
+    :data:`SLOT_STATES` order: made available for the next lap, used in this lap up to
+    P, then made available for this lap and used in the previous lap (or zero). The
+    wrap counter for which the ring reads so decides P; both must agree if both do.
+    A chain of several descriptors leaves slots that break the order: None.
+    """
+    if len(flags) == 0:
+        return None
+    found = set()
+    for w in (0, 1):
+        code = packed_slot_codes(flags, w)
+        if np.all(np.diff(code) >= 0):
+            later = np.flatnonzero(code >= 2)
+            if len(later):
+                found.add(int(later[0]) | w << 15)
+            else:                             # the whole lap used: slot 0, next lap
+                found.add(0 | (w ^ 1) << 15)
+    return found.pop() if len(found) == 1 else None
+
+
+def packed_ring_is_fresh(flags):
+    """Whether a packed ring's flags are those of a ring no device used yet: slots made
+    available for the first lap (wrap counter 1) from slot 0 on, the rest zero."""
+    _, u = _avail_used_bits(flags)
+    return bool(not u.any() and packed_ring_position(flags) == PACKED_WRAP)

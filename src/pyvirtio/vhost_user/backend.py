@@ -36,7 +36,7 @@ Ring life cycle, as the protocol defines it:
   base of the previous start again. A base the descriptors contradict (it claims a
   fresh ring where slots were used, or its slot was used in this lap or made
   available for the next) is replaced by the position the descriptor flags show
-  (:func:`packed_ring_position`), when they show one;
+  (:func:`vqcore.packed.packed_ring_position`), when they show one;
 * a new memory table (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) is swapped in with every
   worker stopped: the running rings are rebuilt over the new mapping with their indices,
   then the old mapping is released. QEMU before 8.0 sends ADD_MEM_REG and REM_MEM_REG
@@ -72,10 +72,9 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
 import vqcore
-from vqcore.packed import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
+from vqcore.packed import (packed_desc_flags, packed_ring_is_fresh, packed_ring_position,
+                           packed_slot_state)
 from vqcore import GuestMemory
 from vqcore.errors import MemoryRegionError, VirtioError
 
@@ -151,66 +150,6 @@ _EXPECTED = (VirtioError, OSError, ValueError, BufferError, OverflowError)
 
 class BackendStateError(VhostUserError, RuntimeError):
     """The back-end is used after :meth:`VhostUserNetBackend.close`."""
-
-
-#: what a packed descriptor's flags say about its slot for a device at wrap counter w,
-#: in the order a device's ring reads from slot 0 on: made available for the next lap,
-#: used in this lap, made available for this lap, used in the previous lap (or a never
-#: written zero slot at the start)
-SLOT_STATES = ("next", "used", "avail", "old")
-
-
-def _avail_used_bits(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The AVAIL and USED bits (0/1) of an array of packed descriptor flags."""
-    flags = np.asarray(flags, dtype=np.uint16)
-    return (flags & VIRTQ_DESC_F_AVAIL) != 0, (flags & VIRTQ_DESC_F_USED) != 0
-
-
-def packed_slot_codes(flags: np.ndarray, wrap: int) -> np.ndarray:
-    """Each slot's state for a device at wrap counter ``wrap``, as an index into
-    :data:`SLOT_STATES`."""
-    a, u = _avail_used_bits(flags)
-    mine = a == bool(wrap)
-    return np.where(a == u, np.where(mine, 1, 3), np.where(mine, 2, 0))
-
-
-def packed_slot_state(flags: int, wrap: int) -> str:
-    """The :data:`SLOT_STATES` name of one descriptor's flags for a device at wrap
-    counter ``wrap``."""
-    return SLOT_STATES[int(packed_slot_codes([flags], wrap)[0])]
-
-
-def packed_ring_is_fresh(flags: np.ndarray) -> bool:
-    """Whether a packed ring's flags are those of a ring no device used yet: slots made
-    available for the first lap (wrap counter 1) from slot 0 on, the rest zero."""
-    _, u = _avail_used_bits(flags)
-    return bool(not u.any() and packed_ring_position(flags) == PACKED_WRAP)
-
-
-def packed_ring_position(flags: np.ndarray) -> int | None:
-    """Where the device side of a packed ring stands (slot | wrap << 15), read from the
-    flags of every descriptor of the ring, or None when they do not say it clearly.
-
-    Model: chains of one descriptor each (as Linux's virtio-net driver posts them:
-    single RX buffers, indirect tables for multi-part TX), processed in order. For a
-    device at slot P with wrap counter w, the slots read from 0 on are in
-    :data:`SLOT_STATES` order: made available for the next lap, used in this lap up to
-    P, then made available for this lap and used in the previous lap (or zero). The
-    wrap counter for which the ring reads so decides P; both must agree if both do.
-    A chain of several descriptors leaves slots that break the order: None.
-    """
-    if len(flags) == 0:
-        return None
-    found = set()
-    for w in (0, 1):
-        code = packed_slot_codes(flags, w)
-        if np.all(np.diff(code) >= 0):
-            later = np.flatnonzero(code >= 2)
-            if len(later):
-                found.add(int(later[0]) | w << 15)
-            else:                             # the whole lap used: slot 0, next lap
-                found.add(0 | (w ^ 1) << 15)
-    return found.pop() if len(found) == 1 else None
 
 
 def rarp_frame(mac: bytes) -> bytes:
@@ -666,8 +605,7 @@ class VhostUserNetBackend:
                 avail = used_idx
             return avail, avail
         size = ring.num or 1
-        # one copy of every descriptor's flags (the guest may write meanwhile)
-        flags = np.frombuffer(self.memory.read(desc, 16 * size), "<u2")[7::8].copy()
+        flags = packed_desc_flags(self.memory, desc, size)
 
         def state(pos: int) -> str:
             return packed_slot_state(int(flags[pos & PACKED_SLOT_MASK]), pos >> 15)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from vqcore.errors import VirtioError
+from vqcore.packed import PACKED_SLOT_MASK, PACKED_WRAP
 
 #: the 12-byte header: request, flags, size
 HEADER = struct.Struct("=III")
@@ -392,9 +393,6 @@ def vring_index_payload(index: int, fd: bool) -> U64:
 # QEMU relaying a back-end that answered GET_VRING_BASE with 16 bits) sends bits 16-31
 # zero: the used position is then taken to be the avail one, as DPDK does.
 
-#: a packed ring position: slot in bits 0-14, wrap counter in bit 15
-PACKED_SLOT_MASK = 0x7FFF
-PACKED_WRAP = 1 << 15
 
 
 def packed_ring_distance(ahead: int, behind: int, size: int) -> int:
