@@ -156,8 +156,11 @@ def test_ratio_range():
     assert bp.ratio_range(Figure("a", "x", "ns", False, [1.0])) is None
 
 
-def test_a_level_check_that_fails_is_a_skip_with_its_reason(monkeypatch):
-    monkeypatch.setitem(suite.SKIP_CHECKS, "engine", lambda: "not today")
+def test_a_level_that_cannot_run_is_a_skip_with_its_reason(monkeypatch):
+    def cannot(s, progress):
+        raise bf.LevelSkipped("not today")
+
+    monkeypatch.setitem(suite.LEVELS, "engine", cannot)
     rep = suite.run(["engine"], Settings(tiny=True))
     assert rep.figures == []
     assert [(k.level, k.reason) for k in rep.skipped] == [("engine", "not today")]

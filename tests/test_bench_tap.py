@@ -20,7 +20,8 @@ import pytest
 import nettools as nt
 from pyvirtio import netns
 from pyvirtio.bench import tap as bt
-from pyvirtio.bench.suite import LEVELS, Settings
+from pyvirtio.bench.figures import LevelSkipped
+from pyvirtio.bench.suite import LEVELS, Settings, run
 from pyvirtio.net.driver import NetDriverError
 
 #: every row the level reports for one (size, pairs)
@@ -52,9 +53,13 @@ def test_level_is_registered():
 
 def test_level_skips_without_root(monkeypatch, caplog):
     monkeypatch.setattr(bt.os, "geteuid", lambda: 1000)
+    with pytest.raises(LevelSkipped, match="needs root"):
+        bt.level_tap(Settings(tiny=True), lambda msg: None)
     with caplog.at_level(logging.WARNING, logger="pyvirtio.bench"):
-        figures = bt.level_tap(Settings(tiny=True), lambda msg: None)
-    assert figures == []
+        rep = run(["tap"], Settings(tiny=True))
+    assert rep.figures == []
+    assert [(k.level, k.part) for k in rep.skipped] == [("tap", "")]
+    assert rep.skipped[0].reason.startswith("needs root")
     assert "level tap skipped: needs root" in caplog.text
 
 

@@ -154,7 +154,6 @@ def level_pingpong(s: Settings, progress: Callable[[str], None]) -> list[Figure]
     return out
 
 
-from pyvirtio.bench import tap as _tap
 from pyvirtio.bench.guest import level_guest
 from pyvirtio.bench.packed import level_packed
 from pyvirtio.bench.vhost_user import level_vhost_user
@@ -167,12 +166,6 @@ LEVELS: dict[str, Callable[[Settings, Callable[[str], None]], list[Figure]]] = {
     "vhost-user": level_vhost_user,
     "guest": level_guest,
 }
-
-#: checks made before a level runs: a reason means the whole level is skipped
-SKIP_CHECKS: dict[str, Callable[[], str | None]] = {
-    "tap": lambda: _tap.skip_reason(),
-}
-
 
 def environment() -> dict:
     """What the numbers were measured on."""
@@ -266,11 +259,6 @@ def run(only: list[str] | None, settings: Settings, json_path: str | None = None
             report_progress(f"[{int(elapsed) // 60}:{int(elapsed) % 60:02d} level "
                             f"{k + 1}/{len(names)}] {msg}")
 
-        check = SKIP_CHECKS.get(name)
-        reason = check() if check else None
-        if reason:
-            skip(name, "", reason)
-            continue
         level_progress(f"{name}: starting")
         t0 = time.monotonic()
         try:
@@ -392,7 +380,6 @@ __all__ = [
     "LEVELS",
     "PUBLISHED",
     "SCHEMA_VERSION",
-    "SKIP_CHECKS",
     "Report",
     "Settings",
     "check_levels",

@@ -51,7 +51,7 @@ from vqcore import netbench
 from vqcore.errors import VirtioError
 
 from pyvirtio.backends.tap import TUN_DEVICE, Tap
-from pyvirtio.bench.figures import Figure
+from pyvirtio.bench.figures import Figure, LevelSkipped
 from pyvirtio.features import NetFeature
 from pyvirtio.net.ctrl import VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_OK
 from pyvirtio.net.device import GUEST_GSO, NetDevice
@@ -733,12 +733,11 @@ class _Row:
 def level_tap(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
     """TX and RX Mpps and Gbit/s through a TAP for 64 B and 1500 B frames and 1 and 2
     queue pairs, each against the plain C syscall loop on the same TAP, measured
-    alternately; for TX and the RX drain also the CPU time per frame. No figures (and
-    a logged reason) without root or ``/dev/net/tun``."""
+    alternately; for TX and the RX drain also the CPU time per frame.
+    :class:`LevelSkipped` without root or ``/dev/net/tun``."""
     reason = skip_reason()
     if reason is not None:
-        log.warning("level tap skipped: %s", reason)
-        return []
+        raise LevelSkipped(reason)
     n = Sizes.of(s.tiny, s.quick)
     figures: list[Figure] = []
     with _quiet(QUIET_LOGGERS), TapBench() as bench:
