@@ -194,21 +194,8 @@ def environment() -> dict:
 def _tool_versions() -> dict[str, str | None]:
     """First line of ``--version`` of the outside programs the levels use (None: not
     installed)."""
-    import shutil
-    import subprocess
-    out: dict[str, str | None] = {}
-    for tool in ("qemu-system-x86_64", "iperf3"):
-        path = shutil.which(tool)
-        if path is None:
-            out[tool] = None
-            continue
-        try:
-            text = subprocess.run([path, "--version"], capture_output=True, text=True,
-                                  timeout=10).stdout
-            out[tool] = (text.splitlines() or [""])[0].strip()
-        except (OSError, subprocess.SubprocessError):
-            out[tool] = "unknown"
-    return out
+    from pyvirtio.guest.harness import QEMU, tool_version
+    return {tool: tool_version(tool) for tool in (QEMU, "iperf3")}
 
 
 @dataclass

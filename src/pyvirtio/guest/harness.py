@@ -56,8 +56,8 @@ from pyvirtio.guest.image import AGENT_PORT, GuestImage, kernel_cmdline
 __all__ = [
     "BACKENDS", "GUEST_IP", "HOST_IP", "PREFIXLEN", "GUEST_MAC", "TAP_NAME",
     "HarnessError", "GuestTimeout", "GuestFailed", "BackendFailed", "AgentError",
-    "qemu_binary", "qemu_version", "accelerator", "backend_python", "VmConfig", "Qemu",
-    "Backend", "Agent", "AgentResult", "HostResult", "Testbed", "testbed",
+    "qemu_binary", "qemu_version", "tool_version", "accelerator", "backend_python",
+    "VmConfig", "Qemu", "Backend", "Agent", "AgentResult", "HostResult", "Testbed", "testbed",
     "parse_features", "guest_feature_bits", "parse_snmp", "ring_stop_indices",
     "negotiated_features", "pair_stats", "ethtool_stats", "end_process", "tcp_sockets",
     "iperf3_json", "iperf3_client", "IPERF3_NOT_READY", "wait_while_running",
@@ -115,13 +115,23 @@ def qemu_binary() -> str | None:
     return shutil.which(QEMU)
 
 
+def tool_version(tool: str) -> str | None:
+    """The first line of ``tool --version`` (None: not installed; "unknown": it did
+    not say)."""
+    path = shutil.which(tool)
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True,
+                             timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.splitlines()[0].strip() if out.strip() else "unknown"
+
+
 def qemu_version() -> str:
-    """``QEMU emulator version ...`` (first line)."""
-    binary = qemu_binary()
-    if binary is None:
-        return "none"
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
-    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+    """``QEMU emulator version ...`` (first line; "none" when QEMU is not installed)."""
+    return tool_version(QEMU) or "none"
 
 
 _ACCEL: dict[str, tuple[str, str]] = {}
