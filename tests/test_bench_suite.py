@@ -175,6 +175,32 @@ def test_a_level_that_cannot_run_is_a_skip_with_its_reason(monkeypatch):
     assert [(k.level, k.reason) for k in rep.skipped] == [("engine", "not today")]
 
 
+def test_skips_belong_to_their_run(monkeypatch, caplog):
+    """What :func:`figures.skip` records goes to the innermost collecting block: a run
+    reports its own skips only (not an earlier run's), and a skip outside any run is
+    logged, not kept."""
+    def cannot(s, progress):
+        bf.skip("engine", "a part", "not here")
+        raise bf.LevelSkipped("not today")
+
+    monkeypatch.setitem(suite.LEVELS, "engine", cannot)
+    first = suite.run(["engine"], Settings(tiny=True))
+    second = suite.run(["engine"], Settings(tiny=True))
+    for rep in (first, second):
+        assert [(k.part, k.reason) for k in rep.skipped] == [("a part", "not here"),
+                                                             ("", "not today")]
+    with bf.collecting_skips() as outer:
+        bf.skip("x", "", "outer")
+        with bf.collecting_skips() as inner:
+            bf.skip("x", "", "inner")
+        bf.skip("x", "", "outer again")
+    assert [k.reason for k in outer] == ["outer", "outer again"]
+    assert [k.reason for k in inner] == ["inner"]
+    bf.skip("x", "", "nobody collects")
+    assert "level x skipped: nobody collects" in caplog.text
+    assert first.skipped is not second.skipped
+
+
 def test_a_failing_level_is_reported_and_the_others_run(monkeypatch):
     def broken(s, progress):
         raise OSError("no such thing")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger("pyvirtio.bench")
@@ -104,13 +106,28 @@ class Skip:
     reason: str
 
 
-#: what the current run skipped (:func:`skip` adds, the suite's ``run`` collects)
-SKIPPED: list[Skip] = []
+#: the list :func:`skip` adds to: the one of the innermost :func:`collecting_skips`
+_SKIPS: ContextVar[list[Skip] | None] = ContextVar("pyvirtio_bench_skips", default=None)
+
+
+@contextmanager
+def collecting_skips() -> Iterator[list[Skip]]:
+    """Collect what :func:`skip` records inside the block (the suite's ``run`` wraps
+    its levels in one): the list is yielded."""
+    found: list[Skip] = []
+    token = _SKIPS.set(found)
+    try:
+        yield found
+    finally:
+        _SKIPS.reset(token)
 
 
 def skip(level: str, part: str, reason: str) -> None:
-    """Record (and log) that ``part`` of ``level`` (``""``: all of it) was skipped."""
-    SKIPPED.append(Skip(level, part, reason))
+    """Log that ``part`` of ``level`` (``""``: all of it) was skipped, and record it in
+    the current :func:`collecting_skips` list (if any)."""
+    found = _SKIPS.get()
+    if found is not None:
+        found.append(Skip(level, part, reason))
     log.warning("level %s%s skipped: %s", level, f" ({part})" if part else "", reason)
 
 

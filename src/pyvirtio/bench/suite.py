@@ -14,10 +14,10 @@ from typing import Any
 
 from pyvirtio.bench import engine
 from pyvirtio.bench.figures import (
-    SKIPPED,
     Figure,
     LevelSkipped,
     Skip,
+    collecting_skips,
     measure,
     render,
     skip,
@@ -238,28 +238,27 @@ def run(only: list[str] | None, settings: Settings, json_path: str | None = None
     env = environment()
     figures: list[Figure] = []
     seconds: dict[str, float] = {}
-    SKIPPED.clear()
     t_start = time.monotonic()
-    for k, name in enumerate(names):
-        def level_progress(msg: str, k: int = k) -> None:
-            elapsed = time.monotonic() - t_start
-            report_progress(f"[{int(elapsed) // 60}:{int(elapsed) % 60:02d} level "
-                            f"{k + 1}/{len(names)}] {msg}")
+    with collecting_skips() as skipped:
+        for k, name in enumerate(names):
+            def level_progress(msg: str, k: int = k) -> None:
+                elapsed = time.monotonic() - t_start
+                report_progress(f"[{int(elapsed) // 60}:{int(elapsed) % 60:02d} level "
+                                f"{k + 1}/{len(names)}] {msg}")
 
-        level_progress(f"{name}: starting")
-        t0 = time.monotonic()
-        try:
-            figures += LEVELS[name](settings, level_progress)
-        except LevelSkipped as exc:
-            skip(name, "", str(exc))
-        except Exception as exc:
-            log.exception("level %s failed", name)
-            skip(name, "", f"FAILED: {type(exc).__name__}: {exc}")
-        seconds[name] = round(time.monotonic() - t0, 1)
+            level_progress(f"{name}: starting")
+            t0 = time.monotonic()
+            try:
+                figures += LEVELS[name](settings, level_progress)
+            except LevelSkipped as exc:
+                skip(name, "", str(exc))
+            except Exception as exc:
+                log.exception("level %s failed", name)
+                skip(name, "", f"FAILED: {type(exc).__name__}: {exc}")
+            seconds[name] = round(time.monotonic() - t0, 1)
     seconds["total"] = round(time.monotonic() - t_start, 1)
     env["loadavg_end"] = os.getloadavg()
-    report = Report(figures, list(SKIPPED), versus_vhost_net(figures), env, settings,
-                    seconds)
+    report = Report(figures, skipped, versus_vhost_net(figures), env, settings, seconds)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(report.to_json(), fh, indent=1)
