@@ -549,25 +549,19 @@ class _Pvp:
         ``pairs`` pairs; the forwarder is yielded. ``rx_buffer``: RX buffer size
         (default: the front-end's choice, 1536 bytes with MRG_RXBUF)."""
         from pyvirtio.vhost_user.forwarder import Forwarder
-        from pyvirtio.vhost_user.frontend import VhostUserFrontend, driver_area_size
+        from pyvirtio.vhost_user.frontend import driver_area_size
         from pyvirtio.vhost_user.memfd import SharedGuestMemory
         need = driver_area_size(pairs, queue_size, rx_buffer or 1536, SMALL_SLOT)
         shm = SharedGuestMemory(2 * need + (16 << 20), name="pyvirtio-pvp")
-        ports = [VhostUserFrontend(pairs=pairs, queue_size=queue_size, tx_buffer=SMALL_SLOT,
-                                   rx_buffer=rx_buffer, memory=shm, name=name)
-                 for name in ("a", "b")]
-        try:
-            for fe, be in zip(ports, self.backends):
-                fe.connect(be.path, timeout=30)
-                fe.start()
-            with Forwarder(ports[0], ports[1], both_ways=True) as fwd:
+        with contextlib.ExitStack() as stack:
+            stack.callback(shm.close)
+            a, b = (stack.enter_context(frontend(be.path, pairs, queue_size=queue_size,
+                                                 rx_buffer=rx_buffer, memory=shm, name=name))
+                    for be, name in zip(self.backends, ("a", "b")))
+            with Forwarder(a, b, both_ways=True) as fwd:
                 yield fwd
             if fwd.errors:
                 raise VhostUserBenchError(f"forwarder failed: {fwd.errors[0]!r}")
-        finally:
-            for fe in ports:
-                fe.close()
-            shm.close()
 
 
 def _tcp_and_udp(ns: str, address: str, seconds: int, tcp_streams: int, udp_streams: int,
