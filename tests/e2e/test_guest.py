@@ -438,38 +438,37 @@ def test_iperf3_client_waits_for_a_server_between_tests(caplog):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    runs = []
+    runs: list[str] = []
+    server: list[subprocess.Popen] = []
 
-    def client(*extra: str):
+    def client(*extra: str, start_server: bool = False):
         def run():
-            runs.append(extra)
             p = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-J",
-                                "-t", "1", *extra], capture_output=True, text=True, check=False,
-                               timeout=30)
+                                "-t", "1", *extra], capture_output=True, text=True,
+                               check=False, timeout=30)
+            runs.append(p.stdout)
+            if start_server and not server:     # the server comes after the 1st attempt
+                server.append(subprocess.Popen(
+                    ["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             return p.stdout, p.stderr, p.returncode
         return run
 
-    # no server for 0.5 s: refused, then the one-off server answers
-    server: list[subprocess.Popen] = []
-    timer = threading.Timer(0.5, lambda: server.append(subprocess.Popen(
-        ["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
-    timer.start()
+    # refused (no server yet), then the one-off server answers
     try:
         with caplog.at_level("INFO", logger="pyvirtio.guest.harness"):
-            data = iperf3_client(client(), retry_for=30.0)
+            data = iperf3_client(client(start_server=True), retry_for=30.0)
     finally:
-        timer.join()
         for proc in server:
             end_process(proc, "iperf3 server")
+    assert "Connection refused" in runs[0]
     assert data["end"]["sum_received"]["bytes"] > 0
-    assert len(runs) > 1
     assert any("not ready" in r.getMessage() for r in caplog.records)
 
     # nobody ever listens: the refusal is raised once retry_for has passed
     runs.clear()
     with pytest.raises(RuntimeError, match=r"Connection refused \(after \d+ attempts"):
-        iperf3_client(client(), retry_for=0.5)
+        iperf3_client(client(), retry_for=2.0)
     assert len(runs) > 1
 
     # any other failure is not retried
