@@ -31,6 +31,9 @@ QUARTER = SIZE // 4
 FRAME = bytes.fromhex("525400123456" "02aabbccdd01" "0800") + bytes(50)
 #: a wait no test step comes near: the held state stays put while the test looks at it
 LONG_US = 2_000_000
+#: a wait no test outlives: a step that passes under it did not pass by the worker's
+#: timer (the steps' own bound is wait_for's 5 s)
+FOREVER_US = 600_000_000
 RING_EVENT_FLAGS_DESC = 2
 
 
@@ -82,28 +85,76 @@ def send(driver: NetDriver, n: int) -> int:
 
 def test_a_stream_asks_for_the_next_kick_a_quarter_ring_ahead(ring_kind):
     """A drain of several frames (fewer than a quarter ring) holds: the next kick is
-    asked for at a quarter ring, fewer frames go out when the wait ends (no kick), a
-    quarter ring kicks at once, and a drain that large ends the holding.
+    asked for at a quarter ring, an RX-side wake-up keeps that, a quarter ring kicks, and
+    a drain that large ends the holding at once (the hold's own wait never ends here).
     (The first send's kick is not checked: a worker still busy with its start-up may
     take the frames before the driver looks, and then no kick is due.)"""
-    with rig(ring_kind, Sink(), LONG_US) as (device, driver):
+    with rig(ring_kind, Sink(), FOREVER_US) as (device, driver):
         send(driver, 4)
         wait_for(lambda: tx_packets(device) == 4, "4 frames sent")
         wait_for(lambda: kick_event(driver) == 4 + QUARTER - 1, "the kick asked a quarter ahead")
         os.eventfd_write(driver.rx[0].kick_fd, 1)      # the worker woken early (RX side) ...
         time.sleep(0.05)
         assert kick_event(driver) == 4 + QUARTER - 1    # ... holds on, its kick still armed
+        assert send(driver, QUARTER) == 1               # a quarter ring kicks
+        wait_for(lambda: tx_packets(device) == 4 + QUARTER, "sent on the kick")
+        # a drain of a quarter ring or more: kicks are cheap enough per frame already,
+        # and holding would only idle the device while a fast driver fills the ring
+        wait_for(lambda: kick_event(driver) == 4 + QUARTER, "every kick asked for again")
+        assert send(driver, 1) == 1
+
+
+def test_frames_below_the_count_go_out_when_the_wait_ends(ring_kind):
+    """Frames that do not reach the quarter-ring kick are sent when the hold's wait
+    ends, without a kick, and being a stream they are held again."""
+    with rig(ring_kind, Sink(), LONG_US) as (device, driver):
+        send(driver, 4)
+        wait_for(lambda: kick_event(driver) == 4 + QUARTER - 1, "held")
         assert send(driver, QUARTER - 1) == 0           # below the count: no kick ...
         wait_for(lambda: tx_packets(device) == 4 + QUARTER - 1, "sent when the wait ended",
                  timeout=2 * LONG_US * 1e-6 + 5)        # ... the worker's timer took them
         done = 4 + QUARTER - 1
         wait_for(lambda: kick_event(driver) == done + QUARTER - 1, "held again (a stream)")
-        assert send(driver, QUARTER) == 1               # a quarter ring kicks
-        wait_for(lambda: tx_packets(device) == done + QUARTER, "sent on the kick")
-        # a drain of a quarter ring or more: kicks are cheap enough per frame already,
-        # and holding would only idle the device while a fast driver fills the ring
-        wait_for(lambda: kick_event(driver) == done + QUARTER, "every kick asked for again")
-        assert send(driver, 1) == 1
+
+
+def break_next_chain(driver: NetDriver) -> None:
+    """Make the TX ring's next chain a hostile one (buffer id 0xFFFF, beyond the ring),
+    published without a kick."""
+    q = driver.tx[0].queue
+    mem = driver.memory
+    if not driver.packed:
+        idx = int(mem.array(q.avail_addr + 2, 1, "<u2")[0])
+        mem.array(q.avail_addr + 4 + 2 * (idx % SIZE), 1, "<u2")[0] = 0xFFFF
+        mem.array(q.avail_addr + 2, 1, "<u2")[0] = (idx + 1) & 0xFFFF
+        return
+    slot = q.next_avail & 0x7FFF
+    desc = mem.array(q.desc_addr + 16 * slot, 8, "<u2")
+    desc[6] = 0xFFFF                                    # id
+    wrap = q.next_avail >> 15
+    desc[7] = 0x80 if wrap else 0x8000                  # made available for this lap
+
+
+def test_a_ring_broken_while_holding_ends_the_hold(ring_kind, monkeypatch):
+    """The guest breaks its TX ring while the worker holds: the device gives the ring
+    up (NEEDS_RESET) and the worker goes back to sleep instead of waking, with nothing
+    to do, for a hold whose time has passed."""
+    waits: list[float] = []
+    real_wait = runtime._wait
+
+    def recorded(ep, timeout):
+        waits.append(timeout)
+        return real_wait(ep, timeout)
+
+    monkeypatch.setattr(runtime, "_wait", recorded)
+    with rig(ring_kind, Sink(), 20_000) as (device, driver):
+        send(driver, 4)
+        wait_for(lambda: kick_event(driver) == 4 + QUARTER - 1, "held")
+        break_next_chain(driver)                        # the hold's timer finds it
+        wait_for(lambda: device.needs_reset_reason is not None, "the ring given up")
+        # asleep: the worker's last wait has no timeout (a stale hold makes every wait
+        # one of 0 s, and the worker spins)
+        wait_for(lambda: waits[-1] == -1, "the worker asleep (no timeout)")
+        assert "queue pair 0 tx" in device.needs_reset_reason
 
 
 def test_a_lone_frame_and_a_quiet_ring_ask_for_every_kick(ring_kind):
@@ -134,7 +185,7 @@ def test_no_holding_while_frames_come_in(ring_kind, monkeypatch):
     replies must not wait, so the drain asks for the next kick at once. (RX_QUIET made
     long here, so that the test's own pace does not matter.)"""
     monkeypatch.setattr(runtime, "RX_QUIET", 60.0)
-    with rig(ring_kind, Loopback(), LONG_US) as (device, driver):
+    with rig(ring_kind, Loopback(), FOREVER_US) as (device, driver):
         device.backend.inject(FRAME)
         got = []
         wait_for(lambda: bool(got.extend(driver.recv(0)) or got), "a frame received")

@@ -229,6 +229,7 @@ class QueuePairWorker(threading.Thread):
             self._rx_dead = True
         else:
             self._tx_dead = True
+            self._tx_hold = None       # nothing left to hold for (a hold would spin)
         if self.cfg.on_violation is not None:
             self.cfg.on_violation(self.cfg.index, which, exc)
 
@@ -246,9 +247,11 @@ class QueuePairWorker(threading.Thread):
                                   hdr_len=cfg.hdr_len, call_fd=cfg.tx_call)
                 if cfg.tx_stats.ring_empty:
                     now = time.monotonic()
-                    stream = TX_COALESCE_MIN <= moved < self._coalesce_kick
+                    small = moved < self._coalesce_kick
+                    stream = small and moved >= TX_COALESCE_MIN
+                    holding = self._tx_hold is not None and now < self._tx_hold
                     if (self._coalesce and not cfg.poll and now - self._rx_last > RX_QUIET
-                            and (stream or (self._tx_hold is not None and now < self._tx_hold))):
+                            and (stream or (holding and small))):
                         # a stream (or a wake-up by the RX side while holding): the next
                         # kick once a quarter ring waits, or a look after the wait,
                         # whichever comes first (armed again after every burst: a
@@ -287,11 +290,11 @@ class QueuePairWorker(threading.Thread):
                     log.debug("pair %d: read error %s", cfg.index, os.strerror(st.last_errno))
                     time.sleep(0.001)
                     return False
-                if st.tap_empty:
-                    return False
                 if got:
                     armed = False
                     self._rx_last = time.monotonic()
+                if st.tap_empty:
+                    return False
                 if st.ring_empty:
                     if (st.no_room > no_room and batch is not self._rx_full
                             and cfg.rx.pending() >= batch.max_chains):
