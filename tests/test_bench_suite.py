@@ -165,20 +165,11 @@ def test_ratio_range():
     assert bp.ratio_range(Figure("a", "x", "ns", False, [1.0])) is None
 
 
-def test_a_level_that_cannot_run_is_a_skip_with_its_reason(monkeypatch):
-    def cannot(s, progress):
-        raise bf.LevelSkipped("not today")
-
-    monkeypatch.setitem(suite.LEVELS, "engine", cannot)
-    rep = suite.run(["engine"], Settings(tiny=True))
-    assert rep.figures == []
-    assert [(k.level, k.reason) for k in rep.skipped] == [("engine", "not today")]
-
-
 def test_skips_belong_to_their_run(monkeypatch, caplog):
-    """What :func:`figures.skip` records goes to the innermost collecting block: a run
-    reports its own skips only (not an earlier run's), and a skip outside any run is
-    logged, not kept."""
+    """A level that cannot run is a skip with its reason, no figures. What
+    :func:`figures.skip` records goes to the innermost collecting block: a run reports
+    its own skips only (not an earlier run's), and a skip outside any run is logged, not
+    kept."""
     def cannot(s, progress):
         bf.skip("engine", "a part", "not here")
         raise bf.LevelSkipped("not today")
@@ -187,8 +178,9 @@ def test_skips_belong_to_their_run(monkeypatch, caplog):
     first = suite.run(["engine"], Settings(tiny=True))
     second = suite.run(["engine"], Settings(tiny=True))
     for rep in (first, second):
-        assert [(k.part, k.reason) for k in rep.skipped] == [("a part", "not here"),
-                                                             ("", "not today")]
+        assert rep.figures == []
+        assert [(k.level, k.part, k.reason) for k in rep.skipped] == [
+            ("engine", "a part", "not here"), ("engine", "", "not today")]
     with bf.collecting_skips() as outer:
         bf.skip("x", "", "outer")
         with bf.collecting_skips() as inner:
@@ -198,7 +190,6 @@ def test_skips_belong_to_their_run(monkeypatch, caplog):
     assert [k.reason for k in inner] == ["inner"]
     bf.skip("x", "", "nobody collects")
     assert "level x skipped: nobody collects" in caplog.text
-    assert first.skipped is not second.skipped
 
 
 def test_a_failing_level_is_reported_and_the_others_run(monkeypatch):

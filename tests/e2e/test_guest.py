@@ -29,7 +29,7 @@ from pyvirtio.vhost_user.backend import VHOST_USER_NET_FEATURES
 from pyvirtio.guest.harness import (BACKENDS, GUEST_IP, GUEST_MAC, HOST_IP, Qemu, VmConfig,
                                     end_process, ethtool_stats, guest_feature_bits,
                                     iperf3_client, negotiated_features, pair_stats,
-                                    parse_snmp, ring_stop_indices)
+                                    parse_snmp, ring_stop_indices, tcp_sockets)
 from pyvirtio.guest.image import (GuestImageError, kernel_cmdline, module_depends,
                                   module_load_order)
 
@@ -471,11 +471,45 @@ def test_iperf3_client_waits_for_a_server_between_tests(caplog):
         iperf3_client(client(), retry_for=2.0)
     assert len(runs) > 1
 
+    # a busy server (still in its last test) is retried like a refusal
+    replies = iter(['{"error": "error - the server is busy running a test. try again later"}',
+                    '{"start": {}, "end": {"sum_received": {"bytes": 1}}}'])
+    runs.clear()
+
+    def busy_then_free():
+        runs.append("busy")
+        return next(replies), "", 1
+    assert iperf3_client(busy_then_free, pause=0.01)["end"]["sum_received"]["bytes"] == 1
+    assert len(runs) == 2
+
     # any other failure is not retried
     runs.clear()
     with pytest.raises(RuntimeError, match="iperf3 printed no JSON"):
         iperf3_client(client("--no-such-option"), retry_for=30.0)
     assert len(runs) == 1
+
+
+def test_tcp_sockets_counts_by_state():
+    """tcp_sockets reads the listening, established and close-wait sockets of a port
+    from /proc (what waits on iperf3's server go by). Plain sockets on 127.0.0.1."""
+    pid = os.getpid()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert tcp_sockets(pid, port, "0A") == 1
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        with accepted:
+            assert tcp_sockets(pid, port, "01") == 1      # the accepted side's port
+            client.close()                                 # its FIN: close-wait here
+            deadline = time.monotonic() + 10
+            while tcp_sockets(pid, port, "08") != 1:
+                assert time.monotonic() < deadline, "no close-wait socket"
+                time.sleep(0.01)
+            assert tcp_sockets(pid, port, "01") == 0
+            assert tcp_sockets(pid, port, "01", "08") == 1
+        assert tcp_sockets(pid, port, "0A", "01", "08") == 1
 
 
 def test_console_markers_wait_for_the_whole_line(tmp_path):
