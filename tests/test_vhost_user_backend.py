@@ -409,7 +409,8 @@ def test_duplicate_add_mem_reg_per_queue_pair(tmp_path, ring_kind, caplog):
     """QEMU 7.2 with 2 queue pairs: each pair's vhost device sends ADD_MEM_REG of the
     same region (and later REM_MEM_REG): the copy is acknowledged and its fd closed,
     one mapping serves both pairs, and traffic flows on both. The first REM_MEM_REG
-    unmaps it, pair 1's is acknowledged, a third is refused."""
+    unmaps it, pair 1's is acknowledged, a third is refused; a copy beyond one per pair
+    is refused."""
     ram = GuestRam(16 << 20, name=f"vu-dup-{os.getpid()}")
     try:
         with serving(tmp_path, "loopback", queues=2) as s, s.connect() as p:
@@ -438,6 +439,11 @@ def test_duplicate_add_mem_reg_per_queue_pair(tmp_path, ring_kind, caplog):
             assert _memfd_maps(ram.name) == 1
             assert p.rem_mem_reg(ram.region()) == 0       # pair 1's removal
             assert p.rem_mem_reg(ram.region(), check=False) != 0
+            # once per queue pair at most: a third copy of a region on 2 pairs is refused
+            for _ in range(2):
+                assert p.add_mem_reg(ram.region(), ram.fd) == 0
+            assert p.add_mem_reg(ram.region(), ram.fd, check=False) != 0
+            assert [m.adds for m in s.backend.regions] == [2]
             g.close()
     finally:
         ram.close()

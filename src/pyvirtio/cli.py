@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 
 log = logging.getLogger("pyvirtio")
 
@@ -147,12 +148,11 @@ def _net(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         sys.stdout.write(json.dumps(capabilities(), indent=2) + "\n")
         return 0
-    state: dict[str, object] = {"stop": False, "server": None}
+    stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("%s: shutting down", signal.Signals(signum).name)
-        state["stop"] = True
-        server = state["server"]
+        stopping.set()
         if server is not None:
             server.shutdown()
 
@@ -171,8 +171,7 @@ def _net(args: argparse.Namespace) -> int:
                                       tx_coalesce_us=args.tx_coalesce_us)
         server = VhostUserServer(backend, socket_path=args.socket_path, fd=args.fd,
                                  message_timeout=args.message_timeout)
-        state["server"] = server
-        if state["stop"]:
+        if stopping.is_set():           # a signal before the server was there
             server.shutdown()
         server.serve_forever()
         return 0

@@ -73,8 +73,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import vqcore
-from vqcore.packed import (packed_desc_flags, packed_ring_is_fresh, packed_ring_position,
-                           packed_slot_state)
+from vqcore.packed import (PACKED_SLOT_MASK, PACKED_WRAP, packed_desc_flags,
+                           packed_ring_is_fresh, packed_ring_position, packed_slot_state)
 from vqcore import GuestMemory
 from vqcore.errors import MemoryRegionError, VirtioError
 
@@ -86,8 +86,7 @@ from pyvirtio.runtime import TX_COALESCE_US
 from pyvirtio.status import DeviceStatus
 from pyvirtio.vhost_user.connection import Connection, PeerClosed, close_fds
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, MAX_MEM_SLOTS,
-                                          MAX_QUEUE_SIZE, PACKED_SLOT_MASK, PACKED_WRAP,
-                                          REQUEST_BODY, REQUEST_FDS, VRING_IDX_MASK,
+                                          MAX_QUEUE_SIZE, REQUEST_BODY, REQUEST_FDS, VRING_IDX_MASK,
                                           VRING_NOFD_MASK, ConfigSpace, MemRegion, MemTable,
                                           Message, ProtocolError, ProtocolFeature, Request,
                                           SingleMemRegion, U64, VhostUserError, VringAddr,
@@ -230,7 +229,7 @@ class MappedRegion:
     def identical(self, other: MemRegion) -> bool:
         """Whether ``other`` describes this very mapping (ADD_MEM_REG: gpa, size, uva
         and mmap offset)."""
-        return self.same(other) and self.region.mmap_offset == other.mmap_offset
+        return self.region == other
 
 
 class _VhostUserNetDevice(NetDevice):
@@ -867,7 +866,12 @@ class VhostUserNetBackend:
         r = body.region
         same = [m for m in self.regions if m.identical(r)]
         if same:
-            # QEMU < 8.0: every queue pair's vhost device adds the same region
+            # QEMU < 8.0: every queue pair's vhost device adds the same region (one
+            # copy per pair at most: more is a front-end counting wrong)
+            if same[0].adds >= self.queues:
+                raise ProtocolError(f"ADD_MEM_REG of gpa {r.guest_phys_addr:#x} size "
+                                    f"{r.memory_size:#x}: already added {same[0].adds} "
+                                    f"time(s), once per queue pair at most")
             same[0].adds += 1
             log.debug("%s: ADD_MEM_REG of the region already mapped at gpa %#x size %#x "
                       "(another queue pair's copy, %d adds): acknowledged, fd closed",
@@ -905,10 +909,11 @@ class VhostUserNetBackend:
             raise ProtocolError(f"REM_MEM_REG of gpa {r.guest_phys_addr:#x} size "
                                 f"{r.memory_size:#x} uva {r.userspace_addr:#x}: no such "
                                 f"region is mapped")
-        if found[0].adds > 1:
-            self.copies_to_remove[key] = found[0].adds - 1
         regions = [m for m in self.regions if m is not found[0]]
-        self._install_memory(self._build_memory(regions), regions)
+        memory = self._build_memory(regions)
+        if found[0].adds > 1:           # (install may raise after the swap: owed before)
+            self.copies_to_remove[key] = found[0].adds - 1
+        self._install_memory(memory, regions)
 
     # ---- handlers: rings ---------------------------------------------------------------------
 

@@ -394,7 +394,6 @@ def vring_index_payload(index: int, fd: bool) -> U64:
 # zero: the used position is then taken to be the avail one, as DPDK does.
 
 
-
 def packed_ring_distance(ahead: int, behind: int, size: int) -> int:
     """How many slots position ``ahead`` is past ``behind`` (both slot | wrap << 15) on
     a packed ring of ``size``: 0 .. 2*size-1; at most ``size`` for a consistent pair."""
