@@ -17,12 +17,14 @@ import pytest
 
 from nettools import (GUEST_IP, HOST_IP, HOST_MAC, PacketSocket, namespace, needs_tap,
                       parse_udp_frame, udp_frame)
+from pyvirtio.backends.sink import Sink
 from pyvirtio.backends.tap import Tap
 from pyvirtio.features import NetFeature as N
 from pyvirtio.features import Transport as T
 from pyvirtio.status import DeviceStatus as S
 from pyvirtio.vhost_user.backend import (GUEST_OFFLOADS, PROTOCOL_FEATURES,
-                                         VHOST_USER_NET_FEATURES, rarp_frame)
+                                         VHOST_USER_NET_FEATURES, VhostUserNetBackend,
+                                         rarp_frame)
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, MAX_MEM_SLOTS, ConfigSpace,
                                           MemRegion, ProtocolFeature, Request, U64)
 from vhost_user_peer import (ALL_PROTOCOL, GPA_BASE, Guest, GuestRam, frame, new_driver,
@@ -485,6 +487,21 @@ def test_region_replaced_per_queue_pair(tmp_path):
 
 
 # ---- configuration, status, reset ----------------------------------------------------------
+
+def test_tx_coalesce_us_reaches_every_device(tmp_path):
+    """The back-end's tx_coalesce_us is the device's, also for the fresh device of the
+    next connection; a value the workers do not accept is refused up front."""
+    with serving(tmp_path, "sink", tx_coalesce_us=0) as s:
+        first = s.backend.device
+        assert first.tx_coalesce_us == 0
+        with s.connect() as p:
+            p.negotiate_protocol()
+        wait_for(lambda: s.backend.device is not first, what="a fresh device")
+        assert s.backend.device.tx_coalesce_us == 0
+    with Sink() as sink, pytest.raises(ValueError, match="tx_coalesce_us 10001"):
+        VhostUserNetBackend(sink, tx_coalesce_us=10001)
+
+
 
 def test_get_and_set_config(tmp_path):
     with serving(tmp_path, queues=2, mac=GUEST_MAC, mtu=9000) as s, s.connect() as p:

@@ -89,7 +89,7 @@ def _check_net(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Validate ``pyvirtio net`` arguments beyond argparse (exits 2 on an error)."""
     from pyvirtio import netns
     from pyvirtio.backends.tap import MAX_TAP_QUEUES, TapError, check_ifname
-    from pyvirtio.runtime import MAX_TX_COALESCE_US
+    from pyvirtio.runtime import check_tx_coalesce_us
     from pyvirtio.vhost_user.backend import MAX_QUEUE_PAIRS, MTU_MAX, MTU_MIN
     from pyvirtio.vhost_user.server import ServerError, check_socket_fd, check_socket_path
 
@@ -107,8 +107,10 @@ def _check_net(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--mtu {args.mtu}: must be {MTU_MIN}..{mtu_max}")
     if args.message_timeout <= 0:
         parser.error("--message-timeout must be positive")
-    if not 0 <= args.tx_coalesce_us <= MAX_TX_COALESCE_US:
-        parser.error(f"--tx-coalesce-us {args.tx_coalesce_us}: must be 0..{MAX_TX_COALESCE_US}")
+    try:
+        check_tx_coalesce_us(args.tx_coalesce_us, "--tx-coalesce-us")
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.tap is not None:
         try:
             check_ifname(args.tap)

@@ -56,6 +56,13 @@ RX_QUIET = 0.001
 MAX_TX_COALESCE_US = 10_000
 
 
+def check_tx_coalesce_us(us: int, name: str = "tx_coalesce_us") -> None:
+    """:class:`ValueError` (naming the setting ``name``) unless ``us`` is a wait the
+    workers accept: 0 (off) up to :data:`MAX_TX_COALESCE_US`."""
+    if not 0 <= us <= MAX_TX_COALESCE_US:
+        raise ValueError(f"{name} {us}: must be 0..{MAX_TX_COALESCE_US}")
+
+
 def _wait(ep: select.epoll, timeout: float) -> list[tuple[int, int]]:
     """``ep.poll(timeout)``, but a short timeout is kept to the microsecond
     (epoll_wait counts whole milliseconds): select() on the epoll fd itself."""

@@ -21,7 +21,7 @@ from pyvirtio.features import NET_DEPENDENCIES, NetFeature, Transport
 from pyvirtio.net.config import NetConfig
 from pyvirtio.net.ctrl import ControlQueue
 from pyvirtio.net.header import HDR_LEN
-from pyvirtio.runtime import (MAX_TX_COALESCE_US, TX_COALESCE_US, QueuePairConfig,
+from pyvirtio.runtime import (TX_COALESCE_US, QueuePairConfig, check_tx_coalesce_us,
                               QueuePairWorker, drain_eventfd)
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ class NetDevice(VirtioDevice):
         self.max_pairs = max_pairs
         self.has_ctrl = bool(ctrl_queue)
         self.poll = poll
-        if not 0 <= tx_coalesce_us <= MAX_TX_COALESCE_US:
-            raise ValueError(f"tx_coalesce_us {tx_coalesce_us} not in 0..{MAX_TX_COALESCE_US}")
+        check_tx_coalesce_us(tx_coalesce_us)
         self.tx_coalesce_us = tx_coalesce_us
         self.net_config = NetConfig(features, mac=mac, max_virtqueue_pairs=max_pairs, mtu=mtu)
         self.rx_filter = NetRxFilter(mac)
