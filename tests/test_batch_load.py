@@ -58,8 +58,9 @@ def test_load_builds_the_batch_append_builds(which, seed):
     (([1, 2], [8, 8], [2], [3], [0]), InvalidChain),                  # 3 readable of 2
     (([1, 2], [1 << 31, 1 << 31], [2], [2], [0]), InvalidChain),      # 2**32 readable
     (([1, 2], [1 << 31, 1 << 31], [2], [0], [0]), InvalidChain),      # 2**32 writable
+    (([0, 0], [1, (1 << 64) - 1], [2], [2], [0]), InvalidChain),      # sum wraps 64 bits
 ], ids=["lengths", "count-sum", "too-big", "empty-chain", "readable-over", "long-readable",
-        "long-writable"])
+        "long-writable", "wrapping-sum"])
 def test_load_refuses_bad_input_and_keeps_the_batch(which, args, exc):
     impl = IMPLS[which]
     b = impl.ChainBatch(4, 8)

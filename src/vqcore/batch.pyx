@@ -26,10 +26,13 @@ Chain.__doc__ = ("One chain of a batch: head id, segments as (gpa, length, writa
 cdef inline bint _chain_bytes(const uint64_t[::1] ln, Py_ssize_t pos, uint32_t n,
                               uint32_t nread, uint64_t *rb, uint64_t *wb) noexcept nogil:
     """Readable (the first ``nread``) and writable bytes of the ``n`` segments from
-    ``pos``; False as soon as either passes 2**32-1 (a chain's length is 32 bits)."""
+    ``pos``; False as soon as one segment or either sum passes 2**32-1 (a chain's length
+    is 32 bits; checking each segment first keeps the 64-bit sums from wrapping)."""
     cdef Py_ssize_t k
     rb[0] = wb[0] = 0
     for k in range(n):
+        if ln[pos + k] > 0xFFFFFFFFu:
+            return False
         if <uint32_t>k < nread:
             rb[0] += ln[pos + k]
         else:

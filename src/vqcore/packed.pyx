@@ -26,6 +26,11 @@ RING_EVENT_FLAGS_ENABLE = 0
 RING_EVENT_FLAGS_DISABLE = 1
 RING_EVENT_FLAGS_DESC = 2
 
+#: a position as ``next_avail``/``next_used`` and vhost-user carry it: the slot in bits
+#: 0-14, the wrap counter in bit 15 (the typed code below spells them 0x7FFF and 15)
+PACKED_SLOT_MASK = 0x7FFF
+PACKED_WRAP = 1 << 15
+
 PackedLayout = namedtuple("PackedLayout", "size desc_size event_size")
 PackedLayout.__doc__ = "Byte sizes of a packed ring's descriptor ring and event areas."
 
@@ -235,11 +240,6 @@ cdef class PackedDriverQueue(DriverQueue):
 # ---------------------------------------------------------------------------------------
 # Reading a ring a device left: where it stood, from the descriptors' flags alone
 # (a back-end that takes over a running ring, e.g. after a crash, with a stale base).
-
-#: a position as ``next_avail``/``next_used`` and vhost-user carry it: the slot in bits
-#: 0-14, the wrap counter in bit 15
-PACKED_SLOT_MASK = 0x7FFF
-PACKED_WRAP = 1 << 15
 
 #: what a packed descriptor's flags say about its slot for a device at wrap counter w,
 #: in the order a device's ring reads from slot 0 on: made available for the next lap,
