@@ -28,8 +28,9 @@ rest of the stream) and its stdout+stderr followed by ``VQ-RC <n>``.
 
 The image is built once and cached under ``<root>/<key>`` (:func:`default_cache_root`:
 ``$VQ_E2E_CACHE``, else ``.cache/e2e`` of a source checkout, ignored by git, else
-``~/.cache/pyvirtio/guest`` for an installed package), where the key hashes the
-package versions, the host binaries copied in and the scripts.
+``$XDG_CACHE_HOME/pyvirtio/guest``, by default ``~/.cache/pyvirtio/guest``, for an
+installed package), where the key hashes the package versions, the host binaries copied
+in and the scripts.
 
 Use it as a module (:func:`build_image`) or a command::
 
@@ -559,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Build the e2e guest image (cached).")
     p.add_argument("--cache", type=Path, default=None,
                    help="cache folder (default: $VQ_E2E_CACHE, else .cache/e2e of a source "
-                        "checkout, else ~/.cache/pyvirtio/guest)")
+                        "checkout, else $XDG_CACHE_HOME/pyvirtio/guest, by default "
+                        "~/.cache/pyvirtio/guest)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
