@@ -70,8 +70,11 @@ __all__ = [
     "Sizes",
     "TapBench",
     "TapBenchError",
+    "ip_checksum",
     "level_tap",
+    "quiet_loggers",
     "readv_drain",
+    "run_threads",
     "rx_drain_baseline",
     "rx_drain_ours",
     "rx_frame",
@@ -197,7 +200,8 @@ def thread_cpu_ns(thread: threading.Thread | None = None) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 # frames
 
-def _checksum(data: bytes) -> int:
+def ip_checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``, zero-padded to whole 16-bit words."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -225,7 +229,7 @@ def rx_frame(size: int, sport: int) -> bytes:
     udp = struct.pack("!HHHH", sport, 5000, 8 + n, 0) + payload
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, IPPROTO_UDP, 0,
                      socket.inet_aton(HOST_IP), socket.inet_aton(GUEST_IP))
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", ip_checksum(ip)) + ip[12:]
     return GUEST_MAC + HOST_MAC + struct.pack("!H", ETH_P_IP) + ip + udp
 
 
@@ -573,7 +577,7 @@ def rx_drain_ours(bench: TapBench, size: int, pairs: int, per_queue: int, *,
 # ---------------------------------------------------------------------------------------
 # the baselines: plain C loops of the same syscalls on the same fds
 
-def _threads(fn: Callable[[int], object], n: int) -> list[object]:
+def run_threads(fn: Callable[[int], object], n: int) -> list[object]:
     """``fn(0..n-1)`` in ``n`` threads at once; their results, each as ``(result,
     (ns on a CPU, ns waiting for one))`` of its thread."""
     out: list[object] = [None] * n
@@ -600,14 +604,14 @@ def tx_baseline(bench: TapBench, size: int, pairs: int, frames: int) -> Sample:
     fds = bench.tap.fds[:pairs]
     frame = tx_frame(size)
     c0 = bench.counters()
-    results = _threads(lambda k: netbench.writev_loop(fds[k], frame, max(frames // pairs, 1),
+    results = run_threads(lambda k: netbench.writev_loop(fds[k], frame, max(frames // pairs, 1),
                                                       timeout=RUN_TIMEOUT), pairs)
     c1 = bench.counters()
     return _loop_sample(c1["rx_packets"] - c0["rx_packets"], results, 2)
 
 
 def _loop_sample(frames: int, results: list, seconds_at: int) -> Sample:
-    """A baseline sample from :func:`_threads` results of C loops whose tuple has the
+    """A baseline sample from :func:`run_threads` results of C loops whose tuple has the
     seconds at ``seconds_at``: timed by the slowest, CPU summed over the threads."""
     seconds = max(r[0][seconds_at] for r in results)
     run = sum(r[1][0] for r in results)
@@ -654,7 +658,7 @@ def readv_drain(bench: TapBench, pairs: int, per_queue: int) -> Sample:
     first frame read to the last."""
     fds = bench.tap.fds[:pairs]
     c0 = bench.counters()
-    results = _threads(lambda k: netbench.readv_loop(fds[k], per_queue, timeout=RUN_TIMEOUT,
+    results = run_threads(lambda k: netbench.readv_loop(fds[k], per_queue, timeout=RUN_TIMEOUT,
                                                      idle=0.02), pairs)
     c1 = bench.counters()
     return _loop_sample(c1["tx_packets"] - c0["tx_packets"], results, 2)
@@ -668,7 +672,7 @@ QUIET_LOGGERS = ("pyvirtio.net", "pyvirtio.backends", "pyvirtio.device")
 
 
 @contextmanager
-def _quiet(names: Sequence[str]) -> Iterator[None]:
+def quiet_loggers(names: Sequence[str]) -> Iterator[None]:
     """Raise ``names`` to WARNING for the ``with`` body (the benchmark's own progress
     stays readable), then restore their levels."""
     loggers = [logging.getLogger(n) for n in names]
@@ -740,7 +744,7 @@ def level_tap(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
         raise LevelSkipped(reason)
     n = Sizes.of(s.tiny, s.quick)
     figures: list[Figure] = []
-    with _quiet(QUIET_LOGGERS), TapBench() as bench:
+    with quiet_loggers(QUIET_LOGGERS), TapBench() as bench:
         for size in FRAME_SIZES:
             for pairs in PAIRS:
                 what = f"{size} B, {pairs} pair{'s' if pairs > 1 else ''}"

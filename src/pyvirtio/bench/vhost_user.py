@@ -52,7 +52,7 @@ from vqcore import netbench
 from pyvirtio.backends.tap import Tap
 from pyvirtio.bench.figures import Figure, skip
 from pyvirtio.bench.guest import IPERF_PORT, UDP64_PAYLOAD, udp_pps
-from pyvirtio.bench.tap import (OTHER_MAC, Sample, _checksum, _quiet, _threads,
+from pyvirtio.bench.tap import (OTHER_MAC, Sample, ip_checksum, quiet_loggers, run_threads,
                                 thread_cpu_ns, tx_frame)
 from pyvirtio.bench.tap import skip_reason as tap_skip_reason
 from pyvirtio.guest.harness import end_process, iperf3_client, tcp_sockets, wait_while_running
@@ -97,6 +97,8 @@ SMALL_SLOT = 2048
 GSO_SLOT = 65562
 #: seconds any one generator run may take
 RUN_TIMEOUT = 30.0
+#: how long PVP waits for iperf3's server to see its last client go before the path goes
+IDLE_WAIT = 5.0
 #: how long a back-end may take to listen (an editable install may rebuild on import)
 BACKEND_START = 120.0
 TAP_NAME = "pvbvu0"
@@ -194,10 +196,10 @@ def gso_frame(size: int = GSO_FRAME) -> bytes:
     src, dst = socket.inet_aton("10.79.9.1"), socket.inet_aton("10.79.9.2")
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, 1, 0x4000, 64, socket.IPPROTO_TCP,
                      0, src, dst)
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", ip_checksum(ip)) + ip[12:]
     # the pseudo-header sum (folded, not inverted) goes in the TCP checksum field
     # (NEEDS_CSUM convention)
-    pseudo = ~_checksum(src + dst + struct.pack("!HH", socket.IPPROTO_TCP, ip_len - 20)) & 0xFFFF
+    pseudo = ~ip_checksum(src + dst + struct.pack("!HH", socket.IPPROTO_TCP, ip_len - 20)) & 0xFFFF
     tcp = struct.pack("!HHIIBBHHH", 40001, 5201, 1, 0, 5 << 4, 0x18, 65535, pseudo, 0)
     eth = OTHER_MAC + bytes.fromhex("525400123456") + struct.pack("!H", 0x0800)
     return eth + ip + tcp + payload
@@ -348,10 +350,8 @@ def _writev_threads(fds: Sequence[int], frame: bytes, frames: int) -> tuple[floa
     """C ``writev`` loops, one thread per fd (``frame`` carries its own header):
     (seconds of the slowest, frames written)."""
     per = max(frames // len(fds), 1)
-    results = _threads(lambda k: netbench.writev_loop(fds[k], frame, per, hdr_len=0,
+    results = run_threads(lambda k: netbench.writev_loop(fds[k], frame, per, hdr_len=0,
                                                       timeout=RUN_TIMEOUT), len(fds))
-    if any(r is None for r in results):
-        raise VhostUserBenchError("a writev thread failed")
     return max(r[0][2] for r in results), sum(r[0][0] for r in results)
 
 
@@ -402,7 +402,7 @@ class Iperf3Server:
             self.stop()
             raise
 
-    def wait_idle(self, timeout: float = 5.0) -> bool:
+    def wait_idle(self, timeout: float = IDLE_WAIT) -> bool:
         """Wait until no client is connected and the server closed its side of every
         connection (no socket established or in close-wait); False after ``timeout``.
         A path torn down before that strands the server in its test ("the server is
@@ -560,6 +560,11 @@ class _Pvp:
                     for be, name in zip(self.backends, ("a", "b")))
             with Forwarder(a, b, both_ways=True) as fwd:
                 yield fwd
+                # the path stays up until iperf3's server saw its last client go: torn
+                # down earlier, it strands the server in that test ("the server is busy")
+                if self.server is not None and not self.server.wait_idle(IDLE_WAIT):
+                    log.warning("PVP: iperf3's server still has a client %.0f s after the "
+                                "test; tearing the path down anyway", IDLE_WAIT)
             if fwd.errors:
                 raise VhostUserBenchError(f"forwarder failed: {fwd.errors[0]!r}")
 
@@ -592,9 +597,6 @@ def part_pvp(s: Settings, n: Sizes, sockdir: str, progress: Callable[[str], None
                 with pvp.forwarding(pairs) as fwd:
                     _tcp_and_udp(pvp.ns_a.name, f"{PVP_NET}2", n.iperf_seconds, streams,
                                  pairs, tcp.samples, udp.samples)
-                    if pvp.server is not None and not pvp.server.wait_idle():
-                        log.warning("PVP: iperf3's server still has a client 5 s after "
-                                    "the test; tearing the path down anyway")
                     stats = fwd.stats()
                     per_path = [row["a->b"].frames for row in stats]
                     big = [row["a->b"].bytes / max(row["a->b"].frames, 1) for row in stats]
@@ -620,7 +622,7 @@ def level_vhost_user(s: Settings, progress: Callable[[str], None]) -> list[Figur
              ("PVP over TAP", part_pvp, pvp_reason)]
     sockdir = tempfile.mkdtemp(prefix="pvbvu")        # short: a socket path <= 107 bytes
     try:
-        with _quiet(("pyvirtio.net", "pyvirtio.backends", "pyvirtio.device",
+        with quiet_loggers(("pyvirtio.net", "pyvirtio.backends", "pyvirtio.device",
                      "pyvirtio.vhost_user", "pyvirtio.netns")):
             for part, fn, check in parts:
                 reason = check()

@@ -906,16 +906,12 @@ class Testbed:
         """``iperf3 -s -1 -p port`` in the namespace (one test, then it exits), returned
         once it listens."""
         proc = self.host_popen(["iperf3", "-s", "-1", "-p", str(port)], f"iperf3-{port}")
-        deadline = time.monotonic() + timeout
-        while not tcp_sockets(proc.pid, port, "0A"):
-            if proc.poll() is not None:
-                raise HarnessError(f"iperf3 server on port {port} exited "
-                                   f"(rc={proc.returncode})")
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise HarnessError(f"iperf3 server not listening on {port} after "
-                                   f"{timeout:.0f} s")
-            time.sleep(0.05)
+        try:
+            wait_while_running(proc, lambda: tcp_sockets(proc.pid, port, "0A") > 0, timeout,
+                               f"iperf3 server listening on port {port}", HarnessError)
+        except HarnessError:
+            proc.kill()
+            raise
         return proc
 
     def host_ping(self, address: str = GUEST_IP, *, count: int = 3, size: int = 56,
