@@ -46,8 +46,11 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
 
 
 @contextmanager
-def rig(ring_kind: str, backend, coalesce_us: int) -> Iterator[tuple[NetDevice, NetDriver]]:
+def rig(ring_kind: str, backend, coalesce_us: int, *, event_idx: bool = True
+        ) -> Iterator[tuple[NetDevice, NetDriver]]:
     features = int(DEFAULT_FEATURES) | (int(Transport.RING_PACKED) if ring_kind == "packed" else 0)
+    if not event_idx:
+        features &= ~int(Transport.EVENT_IDX)
     memory = vqcore.GuestMemory([(0, np.zeros(8 << 20, np.uint8))])
     with backend, NetDevice(backend, queue_size=SIZE, features=features,
                             ctrl_queue=False) as device:
@@ -115,6 +118,20 @@ def test_frames_below_the_count_go_out_when_the_wait_ends(ring_kind):
                  timeout=2 * LONG_US * 1e-6 + 5)        # ... the worker's timer took them
         done = 4 + QUARTER - 1
         wait_for(lambda: kick_event(driver) == done + QUARTER - 1, "held again (a stream)")
+
+
+def test_without_event_idx_the_wait_alone_ends_a_hold(ring_kind):
+    """Without EVENT_IDX no kick can be asked for a quarter ring ahead: a held stream
+    keeps kicks off, and the hold's wait sends what came meanwhile."""
+    with rig(ring_kind, Sink(), LONG_US, event_idx=False) as (device, driver):
+        assert not driver.tx[0].queue.event_idx
+        send(driver, 4)
+        wait_for(lambda: tx_packets(device) == 4, "4 frames sent")
+        time.sleep(0.05)                                 # the worker is holding now ...
+        assert send(driver, QUARTER) == 0                # ... with kicks off, even at a quarter
+        assert tx_packets(device) == 4
+        wait_for(lambda: tx_packets(device) == 4 + QUARTER, "sent when the wait ended",
+                 timeout=2 * LONG_US * 1e-6 + 5)
 
 
 def break_next_chain(driver: NetDriver) -> None:

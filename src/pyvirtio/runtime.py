@@ -65,7 +65,9 @@ def check_tx_coalesce_us(us: int, name: str = "tx_coalesce_us") -> None:
 
 def _wait(ep: select.epoll, timeout: float) -> list[tuple[int, int]]:
     """``ep.poll(timeout)``, but a short timeout is kept to the microsecond
-    (epoll_wait counts whole milliseconds): select() on the epoll fd itself."""
+    (epoll_wait counts whole milliseconds): select() on the epoll fd itself. An epoll
+    fd numbered 1024 or more is beyond select(): then the wait is epoll's, rounded up
+    to 1 ms."""
     if 0 < timeout < 0.002 and ep.fileno() < 1024:
         ready, _, _ = select.select([ep.fileno()], [], [], timeout)
         return ep.poll(0) if ready else []
