@@ -20,9 +20,12 @@ import gc
 import logging
 import mmap
 import os
+import re
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -249,6 +252,20 @@ class Peer:
         reply = self.ask(Request.GET_CONFIG, ConfigSpace(offset, size, 0, bytes(size)).pack())
         return ConfigSpace.unpack(reply.body)
 
+    def drain_replies(self) -> int:
+        """Read and drop whatever the back-end sent so far; returns the bytes read (0
+        also when the back-end closed the connection)."""
+        got = 0
+        while select.select([self.sock], [], [], 0)[0]:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return got
+            if not data:
+                return got
+            got += len(data)
+        return got
+
     def close(self) -> None:
         self.sock.close()
 
@@ -453,6 +470,136 @@ def serving(tmp_path, packet: str | object = "sink", *, queues: int = 1,
         backend.close()
         if hasattr(packet, "close") and isinstance(packet, (Sink, Loopback)):
             packet.close()
+
+
+# ---------------------------------------------------------------------------------------
+# a back-end process
+
+def process_counts(pid: int) -> tuple[int, int, int]:
+    """(open fds, file mappings, threads) of process ``pid``. The mappings counted are
+    those of files (guest memory is a memfd or a file): anonymous ones come and go with
+    the allocators (pymalloc arenas, glibc's per-thread arenas and its cache of thread
+    stacks) whatever the back-end does."""
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    with open(f"/proc/{pid}/maps") as f:
+        maps = sum(1 for line in f if len(line.split(maxsplit=5)) == 6
+                   and not line.split(maxsplit=5)[5].startswith("["))
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    return fds, maps, threads
+
+
+class BackendProcess:
+    """A ``pyvirtio net --socket-path DIR/net.sock ARGS...`` process (context manager).
+
+    :meth:`check_clean` is what every hostile-session test asserts after a session:
+    a fresh connection is answered within ``answer_within`` seconds, the process's fd,
+    mapping and thread counts equal :attr:`baseline` (taken after a warm-up), and the
+    log got no traceback and the expected number of warnings."""
+
+    def __init__(self, tmp_path, *args: str, answer_within: float = 0.100) -> None:
+        self.path = str(tmp_path / "net.sock")
+        self.log_path = tmp_path / "backend.log"
+        self.args = [sys.executable, "-m", "pyvirtio", "net", "--socket-path", self.path,
+                     "--message-timeout", "2", *args]
+        self.answer_within = answer_within
+        self.proc: subprocess.Popen | None = None
+        self.baseline: tuple[int, int, int] | None = None
+        self._log_seen = 0
+
+    def __enter__(self) -> "BackendProcess":
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(self.args, stdout=logf, stderr=logf)
+        try:
+            wait_for(lambda: os.path.exists(self.path) or self.proc.poll() is not None,
+                     STARTUP, "the socket")
+            assert self.proc.poll() is None, self.log_text()
+            for _ in range(3):                # warm up: imports, first connection
+                self.answer_time()
+            self.warm_up()
+            self.baseline = self._probe()[1]
+            self._log_seen = len(self.log_text())
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+    def warm_up(self) -> None:
+        """Sessions that start every queue pair's worker and move frames: the C
+        library caches what threads leave behind (their stacks, malloc arenas), so
+        the first ones add mappings that stay."""
+        ram = GuestRam(4 << 20, name="vu-warm-up")
+        try:
+            for _ in range(2):
+                with Peer(self.path) as p:
+                    g = start_net(p, ram)
+                    g.driver.send(0, [bytes(60)] * 4)
+                    g.driver.wait_tx_done(0)
+                    g.close()
+        finally:
+            ram.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @contextmanager
+    def session(self, reply_ack: bool = False) -> Iterator[Peer]:
+        """A connection (with REPLY_ACK negotiated when ``reply_ack``)."""
+        p = Peer(self.path)
+        try:
+            if reply_ack:
+                p.get_features()
+                p.negotiate_protocol()
+            yield p
+        finally:
+            p.close()
+
+    def answer_time(self) -> float:
+        """Seconds from connect() to the answer of GET_FEATURES."""
+        t0 = time.monotonic()
+        with Peer(self.path) as p:
+            p.get_features()
+            return time.monotonic() - t0
+
+    def _probe(self) -> tuple[float, tuple[int, int, int]]:
+        """The answer time of a fresh connection, and the counts while it is open and
+        idle (the server serves one connection at a time: every earlier one is over)."""
+        t0 = time.monotonic()
+        with Peer(self.path) as p:
+            p.get_features()
+            elapsed = time.monotonic() - t0
+            return elapsed, process_counts(self.pid)
+
+    def check_clean(self, warnings: int | None = 0, where: str = "") -> float:
+        """Assert the state after a session (see the class); returns the answer time.
+        ``warnings``: WARNING/ERROR lines the session must have logged (None: any)."""
+        elapsed, counts = self._probe()
+        text = self.log_text()
+        new, self._log_seen = text[self._log_seen:], len(text)
+        at = f" ({where})" if where else ""
+        assert self.proc is not None and self.proc.poll() is None, f"back-end exited{at}:\n{new}"
+        assert "Traceback" not in new, f"traceback{at}:\n{new}"
+        assert counts == self.baseline, (f"(fds, maps, threads) {counts}, before "
+                                         f"{self.baseline}{at}\n{new[-3000:]}")
+        assert elapsed < self.answer_within, (f"a fresh connection waited "
+                                              f"{elapsed * 1e3:.0f} ms{at}")
+        if warnings is not None:
+            lines = re.findall(r" (?:WARNING|ERROR) (.*)", new)
+            assert len(lines) == warnings, lines
+        return elapsed
 
 
 def status_bits(*names: str) -> int:

@@ -151,15 +151,23 @@ def _net(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(capabilities(), indent=2) + "\n")
         return 0
     stopping = threading.Event()
+    owner = os.getpid()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if os.getpid() != owner:
+            # a child forked by a library (pyroute2's namespace helper, stopped with
+            # SIGTERM) inherits this handler and the server's wake-up eventfd: it must
+            # die as it would without us, not stop its parent's server
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         log.info("%s: shutting down", signal.Signals(signum).name)
         stopping.set()
         if server is not None:
             server.shutdown()
 
     def on_usr1(signum: int, _frame: object) -> None:
-        if backend is not None:
+        if os.getpid() == owner and backend is not None:
             backend.log_pair_stats("SIGUSR1")
 
     packet = backend = server = None

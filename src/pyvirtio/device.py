@@ -85,6 +85,26 @@ class QueueConfig:
         self.enabled = False
 
 
+@dataclass
+class Vring:
+    """A running virtqueue as a worker serves it: the device side of the ring and the
+    eventfds around it. Whoever built it (the device itself for an in-process driver,
+    the vhost-user handler for a front-end) owns the fds; a worker only uses them
+    while it runs.
+
+    ``kick_fd`` -1 means no kick ever comes (the worker polls the ring); ``call_fd``
+    and ``err_fd`` -1 mean nobody is interrupted or told of a broken ring. A ring that
+    is not ``enabled`` (vhost-user's SET_VRING_ENABLE 0) is served without moving
+    data: a device discards what the driver offers or supplies nothing, as its type
+    says."""
+    index: int
+    queue: vqcore.DeviceQueue
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    enabled: bool = True
+
+
 class VirtioDevice:
     """A transport-neutral virtio device: status machine, features, config, queues.
 
@@ -439,5 +459,5 @@ class VirtioDevice:
                 f"status={int(self.status):#04x}>")
 
 
-__all__ = ["VirtioDevice", "QueueConfig", "ConfigAccessError", "InvalidQueueIndex",
+__all__ = ["VirtioDevice", "QueueConfig", "Vring", "ConfigAccessError", "InvalidQueueIndex",
            "TRANSPORT_DEPENDENCIES", "SUPPORTED_TRANSPORT"]

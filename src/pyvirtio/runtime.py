@@ -35,6 +35,8 @@ from vqcore import ChainBatch, DeviceQueue
 from vqcore.errors import QueueBroken, RingViolation
 from vqcore.net import NetRxFilter, NetStats, rx_burst, tx_burst
 
+from pyvirtio import fds
+
 log = logging.getLogger("pyvirtio.runtime")
 
 #: frames an RX burst may move before the worker looks at TX again
@@ -74,12 +76,8 @@ def _wait(ep: select.epoll, timeout: float) -> list[tuple[int, int]]:
     return ep.poll(timeout)
 
 
-def drain_eventfd(fd: int) -> int:
-    """Read and clear an eventfd (non-blocking); returns the count read (0 if none)."""
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
+#: seconds a stopping worker gets before the eventfds it may be stuck on are unblocked
+STOP_GRACE = 0.1
 
 
 @dataclass
@@ -93,6 +91,9 @@ class QueuePairConfig:
     tx_kick: int
     rx_call: int = -1
     tx_call: int = -1
+    #: eventfds signalled when a ring is found broken (vhost-user SET_VRING_ERR)
+    rx_err: int = -1
+    tx_err: int = -1
     #: where TX frames go when not ``fd`` (a sink's :data:`vqcore.net.DISCARD_FD`)
     tx_fd: int | None = None
     rx_filter: NetRxFilter | None = None
@@ -111,35 +112,36 @@ class QueuePairConfig:
     tx_stats: NetStats = field(default_factory=NetStats)
 
 
-class QueuePairWorker(threading.Thread):
-    """Serves one RX/TX queue pair until :meth:`stop`."""
+class Worker(threading.Thread):
+    """A device's worker thread: the control every device's workers share.
 
-    def __init__(self, cfg: QueuePairConfig) -> None:
-        super().__init__(name=f"vq-pair{cfg.index}", daemon=True)
-        self.cfg = cfg
+    :meth:`wake` and :meth:`stop` work from any thread through a stop eventfd the
+    loop watches; a loop that fails (:meth:`_fail`) logs once, reports its rings
+    broken and ends; :meth:`stop` frees a worker stuck on a peer's eventfd. A subclass
+    writes :meth:`_loop` (its epoll loop, which registers :attr:`_stop_fd` and ends
+    when :attr:`_stopping` is set), :meth:`peer_fds` and :meth:`_break_all`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         #: guards _stop_fd between wake()/stop() callers and its close
         self._fd_lock = threading.Lock()
         self._stopping = False
-        rx_size = cfg.rx.size if cfg.rx is not None else 64
-        tx_size = cfg.tx.size if cfg.tx is not None else 64
-        self._rx_full = ChainBatch(max(rx_size, 64), max(4 * rx_size, 1024))
-        self._rx_batch = (self._rx_full if rx_size <= RX_POP
-                          else ChainBatch(RX_POP, max(4 * RX_POP, 1024)))
-        self._tx_batch = ChainBatch(min(cfg.burst, tx_size), max(4 * tx_size, 1024))
-        self._rx_dead = cfg.rx is None
-        self._tx_dead = cfg.tx is None
-        self._fd_watched = True
-        #: where TX frames go (the packet fd unless the config names another)
-        self._tx_fd = cfg.fd if cfg.tx_fd is None else cfg.tx_fd
-        #: TX notifications held off until this time.monotonic() (see _serve_tx)
-        self._tx_hold: float | None = None
-        #: time.monotonic() when RX last moved a frame
-        self._rx_last = -math.inf
-        #: with kick coalescing: the wait (s) and the chains a coalesced kick asks for
-        self._coalesce = max(0, cfg.tx_coalesce_us) * 1e-6
-        self._coalesce_kick = max(TX_COALESCE_MIN, tx_size // 4)
+        #: why the worker failed (the exception, without its traceback), or None
         self.error: BaseException | None = None
+
+    # ---- what a subclass provides --------------------------------------------------------
+
+    def peer_fds(self) -> list[tuple[int, bool]]:
+        """The peer's eventfds the loop uses, each with True for those it reads (kicks)
+        and False for those it writes (calls, errors): what :meth:`stop` unblocks."""
+        return []
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _break_all(self, exc: BaseException) -> None:
+        """Mark every ring the worker serves broken (after a failure)."""
 
     # ---- control ------------------------------------------------------------------------
 
@@ -156,7 +158,9 @@ class QueuePairWorker(threading.Thread):
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to finish and wait for it; closes its stop eventfd. A second
-        call does nothing."""
+        call does nothing. A worker that does not end within :data:`STOP_GRACE` is
+        stuck on a peer's eventfd (one whose O_NONBLOCK the peer cleared): those are
+        unblocked (:func:`pyvirtio.fds.unblock`), then it gets ``timeout``."""
         self._stopping = True
         with self._fd_lock:
             if self._stop_fd < 0:
@@ -166,7 +170,14 @@ class QueuePairWorker(threading.Thread):
             except BlockingIOError:
                 pass
         if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout)
+            self.join(STOP_GRACE)
+            if self.is_alive():
+                log.warning("worker %s did not stop within %.1f s: unblocking the "
+                            "eventfds it uses", self.name, STOP_GRACE)
+                for fd, reader in self.peer_fds():
+                    if fd >= 0:
+                        fds.unblock(fd, reader)
+                self.join(timeout)
             if self.is_alive():
                 log.error("worker %s did not stop within %.1f s", self.name, timeout)
                 return
@@ -175,9 +186,68 @@ class QueuePairWorker(threading.Thread):
                 os.close(self._stop_fd)
                 self._stop_fd = -1
 
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - a worker never dies silently
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The loop failed (a bug, or an fd that broke under us): log once, mark the
+        rings broken (the device sets DEVICE_NEEDS_RESET, the error fds are
+        signalled) and end. The exception is kept without its traceback, whose frames
+        would keep the queues, and so the guest memory mappings, alive."""
+        log.error("worker %s failed: %s: %s; its rings are marked broken", self.name,
+                  type(exc).__name__, exc)
+        log.debug("worker %s failure", self.name, exc_info=exc)
+        try:
+            self._break_all(exc)
+        except Exception as again:  # noqa: BLE001 - the report failed too
+            log.error("worker %s: reporting the failure failed: %s", self.name, again)
+        exc.__traceback__ = None
+        exc.__context__ = exc.__cause__ = None
+        self.error = exc
+
+
+class QueuePairWorker(Worker):
+    """Serves one RX/TX queue pair until :meth:`stop`."""
+
+    def __init__(self, cfg: QueuePairConfig) -> None:
+        super().__init__(f"vq-pair{cfg.index}")
+        self.cfg = cfg
+        rx_size = cfg.rx.size if cfg.rx is not None else 64
+        tx_size = cfg.tx.size if cfg.tx is not None else 64
+        self._rx_full = ChainBatch(max(rx_size, 64), max(4 * rx_size, 1024))
+        self._rx_batch = (self._rx_full if rx_size <= RX_POP
+                          else ChainBatch(RX_POP, max(4 * RX_POP, 1024)))
+        self._tx_batch = ChainBatch(min(cfg.burst, tx_size), max(4 * tx_size, 1024))
+        # a ring found broken before (by an earlier worker of the pair) stays out
+        self._rx_dead = cfg.rx is None or cfg.rx.broken
+        self._tx_dead = cfg.tx is None or cfg.tx.broken
+        self._fd_watched = True
+        #: where TX frames go (the packet fd unless the config names another)
+        self._tx_fd = cfg.fd if cfg.tx_fd is None else cfg.tx_fd
+        #: TX notifications held off until this time.monotonic() (see _serve_tx)
+        self._tx_hold: float | None = None
+        #: time.monotonic() when RX last moved a frame
+        self._rx_last = -math.inf
+        #: with kick coalescing: the wait (s) and the chains a coalesced kick asks for
+        self._coalesce = max(0, cfg.tx_coalesce_us) * 1e-6
+        self._coalesce_kick = max(TX_COALESCE_MIN, tx_size // 4)
+
+    def peer_fds(self) -> list[tuple[int, bool]]:
+        cfg = self.cfg
+        return [(cfg.rx_kick, True), (cfg.tx_kick, True), (cfg.rx_call, False),
+                (cfg.tx_call, False), (cfg.rx_err, False), (cfg.tx_err, False)]
+
+    def _break_all(self, exc: BaseException) -> None:
+        for which, dead in (("rx", self._rx_dead), ("tx", self._tx_dead)):
+            if not dead:
+                self._violation(which, exc, quiet=True)
+
     # ---- the loop -------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def _loop(self) -> None:
         cfg = self.cfg
         ep = select.epoll()
         try:
@@ -202,12 +272,12 @@ class QueuePairWorker(threading.Thread):
                 rx_kicked = False
                 for fd, _ in events:
                     if fd == cfg.rx_kick:
-                        drain_eventfd(fd)
+                        fds.drain(fd)
                         rx_kicked = True
                     elif fd == cfg.tx_kick:
-                        drain_eventfd(fd)
+                        fds.drain(fd)
                     elif fd == self._stop_fd:
-                        drain_eventfd(fd)
+                        fds.drain(fd)
                         rx_kicked = True          # woken: look at every ring again
                 if self._stopping:
                     break
@@ -226,21 +296,26 @@ class QueuePairWorker(threading.Thread):
                 # frames held back by kick coalescing go out before the worker ends: a
                 # stop (GET_VRING_BASE, a disconnect) must not strand them
                 self._serve_tx()
-        except BaseException as exc:  # a worker must never die silently
-            self.error = exc
-            log.exception("worker %s failed", self.name)
         finally:
             ep.close()
 
-    def _violation(self, which: str, exc: BaseException) -> None:
-        log.error("queue pair %d %s queue broken: %s", self.cfg.index, which, exc)
+    def _violation(self, which: str, exc: BaseException, quiet: bool = False) -> None:
+        """Ring ``which`` ("rx"/"tx") is broken: stop serving it, signal its error fd
+        and report it (``quiet``: without the log line, already written)."""
+        cfg = self.cfg
+        if not quiet:                  # (the queue logged the violation itself, once)
+            log.debug("queue pair %d %s queue broken: %s", cfg.index, which, exc)
         if which == "rx":
             self._rx_dead = True
+            err = cfg.rx_err
         else:
             self._tx_dead = True
             self._tx_hold = None       # nothing left to hold for (a hold would spin)
-        if self.cfg.on_violation is not None:
-            self.cfg.on_violation(self.cfg.index, which, exc)
+            err = cfg.tx_err
+        if err >= 0 and not fds.signal(err):
+            log.warning("queue pair %d %s: cannot signal its error fd", cfg.index, which)
+        if cfg.on_violation is not None:
+            cfg.on_violation(cfg.index, which, exc)
 
     def _serve_tx(self) -> bool:
         """Drain the TX ring (race-free); True if it should be looked at again soon."""

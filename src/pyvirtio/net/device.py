@@ -21,8 +21,9 @@ from pyvirtio.features import NET_DEPENDENCIES, NetFeature, Transport
 from pyvirtio.net.config import NetConfig
 from pyvirtio.net.ctrl import ControlQueue
 from pyvirtio.net.header import HDR_LEN
+from pyvirtio import fds
 from pyvirtio.runtime import (TX_COALESCE_US, QueuePairConfig, check_tx_coalesce_us,
-                              QueuePairWorker, drain_eventfd)
+                              QueuePairWorker)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class NetDevice(VirtioDevice):
         #: per queue: the eventfd the driver kicks and the one we signal (interrupt)
         self.kick_fds = [os.eventfd(0, flags) for _ in range(num_queues)]
         self.call_fds = [os.eventfd(0, flags) for _ in range(num_queues)]
+        #: per queue: an eventfd signalled when the queue is found broken, or -1
+        self.err_fds = [-1] * num_queues
         self.workers: dict[int, QueuePairWorker] = {}
         #: per queue: False while a started ring is disabled (vhost-user)
         self.ring_enabled = [True] * num_queues
@@ -232,11 +235,13 @@ class NetDevice(VirtioDevice):
         if self._closed:
             return
         self.stop()
-        for fd in self.kick_fds + self.call_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for fd in self.kick_fds + self.call_fds + self.err_fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.err_fds = [-1] * len(self.err_fds)
         self._closed = True
 
     def __enter__(self) -> "NetDevice":
@@ -268,6 +273,14 @@ class NetDevice(VirtioDevice):
         ``index``; the old one is closed. Restart the pair for it to take effect."""
         old, self.call_fds[index] = self.call_fds[index], fd
         if old != fd:
+            os.close(old)
+
+    def set_err_fd(self, index: int, fd: int) -> None:
+        """Signal ``fd`` (an eventfd the device now owns; -1: none) when queue ``index``
+        is found broken; the old one is closed. Restart the pair for it to take
+        effect."""
+        old, self.err_fds[index] = self.err_fds[index], fd
+        if old >= 0 and old != fd:
             os.close(old)
 
     def start_pair(self, pair: int) -> None:
@@ -304,6 +317,7 @@ class NetDevice(VirtioDevice):
             tx_fd=self.backend.tx_fds[pair],
             rx_kick=self.kick_fds[self.rx_index(pair)], tx_kick=self.kick_fds[self.tx_index(pair)],
             rx_call=self.call_fds[self.rx_index(pair)], tx_call=self.call_fds[self.tx_index(pair)],
+            rx_err=self.err_fds[self.rx_index(pair)], tx_err=self.err_fds[self.tx_index(pair)],
             rx_filter=self.rx_filter,
             mrg_rxbuf=bool(self.negotiated_features & NetFeature.MRG_RXBUF),
             max_frame=self._max_frame(), poll=self.poll, tx_coalesce_us=self.tx_coalesce_us,
@@ -349,11 +363,11 @@ class NetDevice(VirtioDevice):
                 events = ep.poll()
                 if any(fd == stop for fd, _ in events):
                     return
-                drain_eventfd(kick)
+                fds.drain(kick)
                 while True:
                     queue.disable_notification()
                     if ctrl.process() and queue.needs_notification():
-                        os.eventfd_write(call, 1)
+                        fds.signal(call)
                     if queue.broken or not queue.enable_notification():
                         break
         except Exception:

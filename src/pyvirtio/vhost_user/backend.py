@@ -66,9 +66,7 @@ import logging
 import mmap
 import os
 import select
-import stat
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -79,6 +77,7 @@ from vqcore import GuestMemory
 from vqcore.errors import MemoryRegionError, VirtioError
 
 from pyvirtio.device import ConfigAccessError
+from pyvirtio.fds import check_eventfd, check_memory_fd
 from pyvirtio.features import NET_DEPENDENCIES, NetFeature, Transport, describe
 from pyvirtio.net.device import GUEST_GSO, NetDevice, PacketBackend
 from pyvirtio.net.header import HDR_LEN
@@ -184,16 +183,6 @@ def _new_eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
-def _check_pollable(fd: int, what: str) -> None:
-    ep = select.epoll()
-    try:
-        ep.register(fd, select.EPOLLIN)
-    except OSError as exc:
-        raise ProtocolError(f"{what}: fd cannot be polled ({os.strerror(exc.errno)})") from None
-    finally:
-        ep.close()
-
-
 @dataclass
 class RingState:
     """What the front-end told the back-end about one ring."""
@@ -204,7 +193,6 @@ class RingState:
     enable: bool | None = None        # SET_VRING_ENABLE (None: never sent)
     started: bool = False             # between SET_VRING_KICK and GET_VRING_BASE
     poll: bool = False                # started without a kick fd: the worker polls
-    err_fd: int = -1                  # SET_VRING_ERR (owned)
 
 
 def region_key(r: MemRegion) -> tuple[int, int, int]:
@@ -291,7 +279,6 @@ class VhostUserNetBackend:
         self.name = name
         self.offered_features = int(features)
         self.offered_protocol_features = int(protocol_features)
-        self._err_lock = threading.Lock()
         self._leaked: list[mmap.mmap] = []
         self._closed = False
         #: connections served so far
@@ -334,11 +321,6 @@ class VhostUserNetBackend:
                 dev.deactivate_queue(i)
             dev.memory = None
             self.device = None               # type: ignore[assignment]
-        with self._err_lock:
-            for r in self.rings:
-                if r.err_fd >= 0:
-                    os.close(r.err_fd)
-                    r.err_fd = -1
         self._release_memory(self.memory, self.regions, keep=())
         self.memory = None
         self.regions = []
@@ -697,16 +679,8 @@ class VhostUserNetBackend:
             self.needs_reset_reason = reason
 
     def _ring_error(self, index: int, exc: BaseException) -> None:
-        """A worker found a ring broken (worker thread): signal its error fd."""
+        """A worker found a ring broken (worker thread; it signalled the error fd)."""
         self._set_needs_reset(f"ring {index}: {exc}")
-        with self._err_lock:
-            fd = self.rings[index].err_fd if index < len(self.rings) else -1
-            if fd >= 0:
-                try:
-                    os.eventfd_write(fd, 1)
-                except OSError as err:
-                    log.warning("%s: cannot signal the error fd of ring %d: %s", self.name,
-                                index, err)
 
     def _set_packet_mtu(self, mtu: int) -> None:
         set_mtu = getattr(self.packet, "set_mtu", None)
@@ -720,13 +694,9 @@ class VhostUserNetBackend:
         length = region.mmap_offset + region.memory_size
         what = (f"memory region gpa {region.guest_phys_addr:#x} size {region.memory_size:#x} "
                 f"mmap_offset {region.mmap_offset:#x}")
+        check_memory_fd(fd, length, what)
         try:
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_size < length:
-                raise ProtocolError(f"{what}: the fd holds only {st.st_size:#x} bytes")
             mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except ProtocolError:
-            raise
         except (OSError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"{what} cannot be mapped: {exc}") from None
         return MappedRegion(region, mm)
@@ -967,7 +937,7 @@ class VhostUserNetBackend:
         if nofd:
             fd = _new_eventfd()           # never signalled: the worker polls the ring
         else:
-            _check_pollable(msg.fds[0], f"ring {ring.index} kick")
+            check_eventfd(msg.fds[0], f"ring {ring.index} kick")
             fd = msg.fds.pop()
         pair = ring.index // 2
         self.device.stop_pair(pair)           # no worker may use the fd being replaced
@@ -981,24 +951,29 @@ class VhostUserNetBackend:
 
     def _on_set_vring_call(self, msg: Message, body: U64) -> None:
         ring, nofd = self._ring_payload(msg, body)
-        fd = _new_eventfd() if nofd else msg.fds.pop()
+        if not nofd:
+            check_eventfd(msg.fds[0], f"ring {ring.index} call")
+        self._replace_ring_fd(ring, self.device.set_call_fd,
+                              _new_eventfd() if nofd else msg.fds.pop())
+
+    def _on_set_vring_err(self, msg: Message, body: U64) -> None:
+        ring, nofd = self._ring_payload(msg, body)
+        if not nofd:
+            check_eventfd(msg.fds[0], f"ring {ring.index} error")
+        self._replace_ring_fd(ring, self.device.set_err_fd, -1 if nofd else msg.fds.pop())
+
+    def _replace_ring_fd(self, ring: RingState, setter: Callable[[int, int], None],
+                         fd: int) -> None:
+        """Give ring ``ring`` a new call or error fd (``setter`` takes ownership)."""
         pair = ring.index // 2
         running = pair in self.device.workers
         if running:
             self.device.stop_pair(pair)       # no worker may use the fd being replaced
         try:
-            self.device.set_call_fd(ring.index, fd)
+            setter(ring.index, fd)
         finally:
             if running:
                 self._resume_pair(pair)
-
-    def _on_set_vring_err(self, msg: Message, body: U64) -> None:
-        ring, nofd = self._ring_payload(msg, body)
-        fd = -1 if nofd else msg.fds.pop()
-        with self._err_lock:
-            old, ring.err_fd = ring.err_fd, fd
-        if old >= 0:
-            os.close(old)
 
     def _on_set_vring_enable(self, msg: Message, body: VringState) -> None:
         ring = self._ring(body.index)

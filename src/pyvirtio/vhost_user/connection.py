@@ -4,7 +4,9 @@
 (SCM_RIGHTS), then exactly ``size`` bytes of body; anything malformed raises
 :class:`ProtocolError` after closing every fd that arrived. Once the first byte of a
 message is in, the rest must follow within ``message_timeout`` seconds: a peer that
-stalls mid-message cannot hang us.
+stalls mid-message cannot hang us. A back-end's connection (``send_wait=False``) never
+waits to send either: a reply that does not fit the socket buffer at once means the
+peer stopped reading, and :class:`PeerStalled` ends the connection.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ class PeerClosed(ConnectionError):
     """The peer closed the connection between messages."""
 
 
+class PeerStalled(ConnectionError):
+    """The peer does not read what we send (its socket buffer is full)."""
+
+
 def close_fds(fds: Iterable[int]) -> None:
     """Close every fd, ignoring errors."""
     for fd in fds:
@@ -40,10 +46,12 @@ class Connection:
     """A vhost-user message stream (either end)."""
 
     def __init__(self, sock: socket.socket, *, message_timeout: float = 5.0,
-                 max_body: int = MAX_BODY) -> None:
+                 max_body: int = MAX_BODY, send_wait: bool = True) -> None:
         self.sock = sock
         self.message_timeout = message_timeout
         self.max_body = max_body
+        #: False: a send that would block raises PeerStalled instead of waiting
+        self.send_wait = send_wait
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -108,14 +116,26 @@ class Connection:
     # ---- sending -----------------------------------------------------------------------
 
     def send(self, msg: Message) -> None:
-        """Send a message with its fds."""
+        """Send a message with its fds (without ``send_wait``: all at once, or
+        :class:`PeerStalled`)."""
         data = msg.header() + msg.body
-        if msg.fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", msg.fds).tobytes())]
+        anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", msg.fds).tobytes())]
+               if msg.fds else [])
+        if self.send_wait:
             sent = self.sock.sendmsg([data], anc)
         else:
-            sent = self.sock.send(data)
+            timeout = self.sock.gettimeout()
+            self.sock.settimeout(0.0)      # (with a timeout, Python polls before sending)
+            try:
+                sent = self.sock.sendmsg([data], anc)
+            except BlockingIOError:
+                sent = 0
+            finally:
+                self.sock.settimeout(timeout)
         if sent < len(data):
+            if not self.send_wait:
+                raise PeerStalled(f"the peer does not read: {sent} of {len(data)} bytes "
+                                  "of a message fit its socket buffer")
             self.sock.sendall(data[sent:])
 
     def reply(self, request: Message, body: bytes = b"") -> None:
@@ -123,4 +143,4 @@ class Connection:
         self.send(Message(request.request, VERSION | FLAG_REPLY, body))
 
 
-__all__ = ["Connection", "PeerClosed", "close_fds"]
+__all__ = ["Connection", "PeerClosed", "PeerStalled", "close_fds"]

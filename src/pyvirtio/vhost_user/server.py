@@ -168,8 +168,8 @@ class VhostUserServer:
                 break
             sock.settimeout(self.message_timeout)
             try:
-                self.backend.serve(Connection(sock, message_timeout=self.message_timeout),
-                                   self._wake)
+                self.backend.serve(Connection(sock, message_timeout=self.message_timeout,
+                                              send_wait=False), self._wake)
             finally:
                 sock.close()
             if self._listener is None:
