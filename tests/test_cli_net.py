@@ -20,7 +20,7 @@ import pytest
 from nettools import namespace, needs_tap
 from pyvirtio.backends.tap import Tap
 from pyvirtio.cli import main
-from pyvirtio.vhost_user.backend import VHOST_USER_NET_FEATURES
+from vhost_user_peer import NET_OFFERED
 from vhost_user_peer import STARTUP, GuestRam, Peer, start_net, wait_for
 
 
@@ -175,7 +175,7 @@ def test_sigusr1_logs_pair_counters_and_no_packed_withdraws_the_offer(sock_path,
         with Peer(sock_path) as p:
             offered = p.get_features()
             assert not offered & (1 << 34)
-            assert offered | (1 << 34) == int(VHOST_USER_NET_FEATURES) | 1 << 22  # + MQ
+            assert offered | (1 << 34) == NET_OFFERED | 1 << 22  # + MQ
             g = start_net(p, ram, packed=True)             # asked, but not offered
             assert not g.features & (1 << 34)
             _exchange(g, 30)
@@ -219,7 +219,7 @@ def test_sigint_in_process_ends_main_with_0(sock_path, capsys):
         wait_for(lambda: os.path.exists(sock_path), 30, "the socket")
         for _ in range(2):
             with Peer(sock_path) as p:
-                assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+                assert p.get_features() == NET_OFFERED
         os.kill(os.getpid(), signal.SIGINT)
     t, errors = _in_thread(frontend)
     code, _, _ = _run_main(["net", "--socket-path", sock_path, "--sink"], capsys)
@@ -235,7 +235,7 @@ def test_fd_of_a_connected_socket_serves_that_connection(capsys):
 
     def frontend() -> None:
         with Peer(ours) as p:
-            assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+            assert p.get_features() == NET_OFFERED
     t, errors = _in_thread(frontend)
     # the server owns the fd from here on; main returns when that one connection ends
     code, _, _ = _run_main(["net", "--fd", str(theirs.detach()), "--loopback"], capsys)
@@ -252,7 +252,7 @@ def test_fd_of_a_listening_socket_is_served_like_a_path(sock_path, capsys):
     def frontend() -> None:
         for _ in range(2):                        # one front-end after the other
             with Peer(sock_path) as p:
-                assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+                assert p.get_features() == NET_OFFERED
         os.kill(os.getpid(), signal.SIGTERM)
     t, errors = _in_thread(frontend)
     code, _, _ = _run_main(["net", "--fd", str(listener.detach()), "--sink"], capsys)
@@ -291,7 +291,7 @@ def test_sigterm_keeps_a_tap_it_did_not_create(sock_path, capsys):
             def frontend() -> None:
                 wait_for(lambda: os.path.exists(sock_path), 30, "the socket")
                 with Peer(sock_path) as p:
-                    assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+                    assert p.get_features() == NET_OFFERED
                 os.kill(os.getpid(), signal.SIGTERM)
             t, errors = _in_thread(frontend)
             code, _, _ = _run_main(["net", "--socket-path", sock_path, "--tap", "vuclikeep",

@@ -22,12 +22,12 @@ from pyvirtio.backends.tap import Tap
 from pyvirtio.features import NetFeature as N
 from pyvirtio.features import Transport as T
 from pyvirtio.status import DeviceStatus as S
-from pyvirtio.vhost_user.backend import (GUEST_OFFLOADS, PROTOCOL_FEATURES,
-                                         VHOST_USER_NET_FEATURES, VhostUserNetBackend,
-                                         rarp_frame)
+from pyvirtio.net.vhost_user import (GUEST_OFFLOADS, NET_PROTOCOL_FEATURES,
+                                     VhostUserNetDevice, rarp_frame)
+from pyvirtio.vhost_user.handler import offered_protocol_features
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, MAX_MEM_SLOTS, ConfigSpace,
                                           MemRegion, ProtocolFeature, Request, U64)
-from vhost_user_peer import (ALL_PROTOCOL, GPA_BASE, Guest, GuestRam, frame, new_driver,
+from vhost_user_peer import (ALL_PROTOCOL, GPA_BASE, NET_OFFERED, Guest, GuestRam, frame, new_driver,
                              recv_frames, ring_features, serving, start_net, wait_for)
 
 GUEST_MAC = bytes.fromhex("525400abcdef")
@@ -65,7 +65,7 @@ def _exchange(driver, pair: int, first: int, count: int, size: int = 64) -> None
 def test_features_and_protocol_features_offered(tmp_path):
     with serving(tmp_path, queues=1) as s, s.connect() as p:
         features = p.get_features()
-        assert features == int(VHOST_USER_NET_FEATURES)
+        assert features == NET_OFFERED
         for bit in (T.VERSION_1, T.EVENT_IDX, T.INDIRECT_DESC, N.MRG_RXBUF, N.CSUM,
                     N.GUEST_CSUM, N.HOST_TSO4, N.HOST_TSO6, N.HOST_ECN, N.HOST_UFO,
                     N.GUEST_TSO4, N.GUEST_TSO6, N.GUEST_ECN, N.GUEST_UFO, N.MTU):
@@ -73,10 +73,10 @@ def test_features_and_protocol_features_offered(tmp_path):
         assert features & (1 << 30)
         assert not features & (N.MQ | N.CTRL_VQ | N.MAC | N.STATUS)
         protocol = p.get_u64(Request.GET_PROTOCOL_FEATURES)
-        assert protocol == int(PROTOCOL_FEATURES) == ALL_PROTOCOL
+        assert protocol == offered_protocol_features(NET_PROTOCOL_FEATURES, True) == ALL_PROTOCOL
         assert p.negotiate_protocol() == ALL_PROTOCOL
         assert p.get_u64(Request.GET_QUEUE_NUM) == 1      # (also: SET_... was handled)
-        assert s.backend.protocol_features == ALL_PROTOCOL
+        assert s.handler.protocol_features == ALL_PROTOCOL
         assert p.get_u64(Request.GET_MAX_MEM_SLOTS) == MAX_MEM_SLOTS
     with serving(tmp_path, queues=4) as s, s.connect() as p:
         assert p.get_features() & N.MQ
@@ -91,18 +91,18 @@ def test_set_features_negotiates_and_sets_offloads(tmp_path):
                 | N.GUEST_TSO4 | N.GUEST_ECN)
         # GUEST_ANNOUNCE is not offered (QEMU keeps it) but QEMU sends it: ignored
         assert p.set_features(int(want | N.GUEST_ANNOUNCE)) == 0
-        assert s.backend.device.negotiated_features == want
+        assert s.handler.acked_features == want
         assert s.packet.offloads == int(want) & GUEST_OFFLOADS
         # a broken dependency (GUEST_TSO4 needs GUEST_CSUM) and no VERSION_1: refused
         assert p.set_features(int(T.VERSION_1 | N.GUEST_TSO4), check=False) != 0
         assert p.set_features(int(N.MRG_RXBUF), check=False) != 0
-        assert s.backend.device.negotiated_features == want
+        assert s.handler.acked_features == want
         # a protocol feature that was not offered is refused
         p.send(Request.SET_PROTOCOL_FEATURES,
                U64(ProtocolFeature.REPLY_ACK | ProtocolFeature.LOG_SHMFD).pack(),
                need_reply=True)
         assert U64.unpack(p.recv().body).value != 0
-        assert s.backend.protocol_features == ALL_PROTOCOL
+        assert s.handler.protocol_features == ALL_PROTOCOL
 
 
 # ---- ring life cycle ------------------------------------------------------------------------
@@ -110,16 +110,18 @@ def test_set_features_negotiates_and_sets_offloads(tmp_path):
 def test_rings_start_disabled_with_protocol_features(tmp_path, ram, ring_kind):
     with serving(tmp_path, "loopback") as s, s.connect() as p:
         g = start_net(p, ram, enable=False, packed=ring_kind == "packed")
-        assert [r.started for r in s.backend.rings] == [True, True]
-        assert s.backend.device.ring_enabled == [False, False]
+        assert [r.started for r in s.handler.rings] == [True, True]
+        assert [s.handler.effective_enable(i) for i in (0, 1)] == [False, False]
+        assert not s.device.net.workers[0].cfg.tx_enabled
         discarded = [frame(1000 + i) for i in range(10)]
         assert g.driver.send(0, discarded) == 10
         assert g.driver.wait_tx_done(0)      # a disabled ring processes and discards TX
-        wait_for(lambda: s.backend.pair_stats()[0]["tx"]["dropped"] == 10)
+        wait_for(lambda: s.device.pair_stats()[0]["tx"]["dropped"] == 10)
         g.enable(True)
-        assert s.backend.device.ring_enabled == [True, True]
+        assert [s.handler.effective_enable(i) for i in (0, 1)] == [True, True]
+        assert s.device.net.workers[0].cfg.tx_enabled
         _exchange(g.driver, 0, 0, 20)        # the discarded frames never show up
-        assert s.backend.pair_stats()[0]["rx"]["packets"] == 20
+        assert s.device.pair_stats()[0]["rx"]["packets"] == 20
         g.close()
 
 
@@ -128,7 +130,7 @@ def test_rings_start_enabled_without_protocol_features(tmp_path, ram):
         offered = p.get_features()
         g = start_net(p, ram, features=offered & ~F_PROTOCOL_FEATURES)
         _exchange(g.driver, 0, 0, 30)
-        assert s.backend.device.ring_enabled == [True, True]
+        assert [s.handler.effective_enable(i) for i in (0, 1)] == [True, True]
         g.close()
 
 
@@ -141,7 +143,7 @@ def test_kicks_and_frames_before_enable_are_not_lost(tmp_path, ram):
         assert g.driver.wait_tx_done(0)      # sent into the loopback; RX supplies nothing
         assert g.driver.post_rx(0) == 256    # buffers and their kick while RX is disabled
         assert g.driver.rx[0].kicks >= 1
-        assert s.backend.pair_stats()[0]["rx"]["packets"] == 0
+        assert s.device.pair_stats()[0]["rx"]["packets"] == 0
         p.vring_enable(0, True)              # no kick after this
         assert recv_frames(g.driver, 0, 20) == frames
         g.close()
@@ -159,7 +161,7 @@ def test_kick_before_the_ring_starts_is_not_lost(tmp_path, ram, ring_kind):
         for i in (0, 1):
             g.setup_ring(i, kick=False)
         g.enable(True)
-        assert not any(r.started for r in s.backend.rings)
+        assert not any(r.started for r in s.handler.rings)
         frames = [frame(i) for i in range(16)]
         driver.post_rx(0)
         assert driver.send(0, frames) == 16 and driver.tx[0].kicks == 1
@@ -175,8 +177,8 @@ def test_get_vring_base_stops_the_ring_and_returns_next_avail(tmp_path, ram, rin
         _exchange(g.driver, 0, 0, 37)
         assert p.get_vring_base(1) == g.base(37)
         assert g.base(37) & 0xFFFF == g.driver.tx[0].queue.next_avail
-        assert not s.backend.rings[1].started
-        assert s.backend.device.queues[1] is None
+        assert not s.handler.rings[1].started
+        assert s.handler.rings[1].queue is None
         # frames queued while TX is stopped go out once it is started where it stopped
         later = [frame(100 + i) for i in range(5)]
         assert g.driver.send(0, later) == 5
@@ -205,7 +207,7 @@ def test_resume_in_a_fresh_backend_loses_and_repeats_nothing(tmp_path, ram, ring
         assert bases == {0: g.base(300), 1: g.base(300)}
         if g.packed:         # slot 44, both wrap counters flipped to 0
             assert bases[0] == 44 | 44 << 16
-        wait_for(lambda: s.backend.connections == 1 and s.backend.memory is None)
+        wait_for(lambda: s.port.connections == 1 and s.port.handler is None)
         with s.connect() as p:          # a new connection is a fresh back-end
             p.negotiate_protocol()
             p.set_features(g.features)
@@ -255,7 +257,7 @@ def test_packed_stale_base_after_a_lost_backend_is_corrected_from_the_ring(tmp_p
             g = start_net(p, ram, packed=True, queue_size=64)
             _exchange(g.driver, 0, 0, 100)          # past one lap
         # the connection dropped: no GET_VRING_BASE; a new front-end session
-        wait_for(lambda: s.backend.connections == 1 and s.backend.memory is None)
+        wait_for(lambda: s.port.connections == 1 and s.port.handler is None)
         with s.connect() as p:
             p.negotiate_protocol()
             p.set_features(g.features)
@@ -265,8 +267,8 @@ def test_packed_stale_base_after_a_lost_backend_is_corrected_from_the_ring(tmp_p
             for i in (0, 1):
                 g.setup_ring(i, base=0x80008000)    # what QEMU 7.2 sends then
             assert "is stale" in caplog.text
-            queues = s.backend.device.queues
-            assert queues[1].next_avail == queues[1].next_used == 36   # slot 36, wrap 0
+            queue = s.handler.rings[1].queue
+            assert queue.next_avail == queue.next_used == 36   # slot 36, wrap 0
             _exchange(g.driver, 0, 100, 150)
             assert g.stop() == {0: g.base(250), 1: g.base(250)}
         g.close()
@@ -286,12 +288,12 @@ def test_ring_without_kick_fd_is_polled(tmp_path, ram, ring_kind):
         driver.tx[0].kick_fd = -1            # this guest never kicks TX
         g.enable(True)
         driver.post_rx(0)
-        assert s.backend.rings[1].poll
-        assert s.backend.device.workers[0].cfg.poll
+        assert s.handler.rings[1].kick_fd == -1
+        assert s.device.net.workers[0].cfg.poll
         _exchange(driver, 0, 0, 50)
         assert p.get_vring_base(1) == g.base(50)
-        wait_for(lambda: 0 in s.backend.device.workers)
-        assert not s.backend.device.workers[0].cfg.poll   # RX alone: back to sleeping
+        wait_for(lambda: 0 in s.device.net.workers)
+        assert not s.device.net.workers[0].cfg.poll   # RX alone: back to sleeping
         g.close()
 
 
@@ -313,7 +315,7 @@ def test_broken_ring_signals_its_error_fd_and_needs_reset(tmp_path, ram):
             os.eventfd_write(g.driver.tx[0].kick_fd, 1)
             assert _select.select([err], [], [], 5.0)[0], "no signal on the error fd"
             assert p.get_u64(Request.GET_STATUS) & S.DEVICE_NEEDS_RESET
-            assert s.backend.needs_reset_reason and "ring 1" in s.backend.needs_reset_reason
+            assert s.handler.needs_reset_reason and ".q1:" in s.handler.needs_reset_reason
             p.call(Request.SET_STATUS, U64(0).pack())
             assert not p.get_u64(Request.GET_STATUS) & S.DEVICE_NEEDS_RESET
         finally:
@@ -339,7 +341,7 @@ def test_broken_packed_ring_signals_its_error_fd_and_needs_reset(tmp_path, ram):
             os.eventfd_write(g.driver.tx[0].kick_fd, 1)
             assert _select.select([err], [], [], 5.0)[0], "no signal on the error fd"
             assert p.get_u64(Request.GET_STATUS) & S.DEVICE_NEEDS_RESET
-            assert "ring 1" in s.backend.needs_reset_reason
+            assert ".q1:" in s.handler.needs_reset_reason
             s.packet.inject(frame(77))                 # RX still delivers
             assert recv_frames(g.driver, 0, 1) == [frame(77)]
         finally:
@@ -358,8 +360,8 @@ def test_memory_table_swap_with_running_rings(tmp_path, ram, ring_kind):
             _exchange(g.driver, 0, 0, 50)
             assert _memfd_maps(ram.name) == 2       # ours and the back-end's
             assert p.set_mem_table([ram, extra]) == 0
-            assert len(s.backend.regions) == 2
-            assert all(r.started for r in s.backend.rings)
+            assert len(s.handler.regions) == 2
+            assert all(r.started for r in s.handler.rings)
             # the old mapping is gone; one new one per region
             assert _memfd_maps(ram.name) == 2
             assert _memfd_maps(extra_name) == 2
@@ -368,7 +370,7 @@ def test_memory_table_swap_with_running_rings(tmp_path, ram, ring_kind):
             g.setup_ring(1, base=g.base(100))
             # a table without the rings' region: refused, the rings stop
             assert p.set_mem_table([extra], check=False) != 0
-            assert not any(r.started for r in s.backend.rings)
+            assert not any(r.started for r in s.handler.rings)
             status = p.get_u64(Request.GET_STATUS)
             assert status & S.DEVICE_NEEDS_RESET
             assert _memfd_maps(ram.name) == 1
@@ -382,24 +384,24 @@ def test_add_and_remove_memory_regions(tmp_path, ram):
     try:
         with serving(tmp_path, "loopback") as s, s.connect() as p:
             g = start_net(p, ram, memory="add")
-            assert len(s.backend.regions) == 1
+            assert len(s.handler.regions) == 1
             _exchange(g.driver, 0, 0, 40)
             assert p.add_mem_reg(extra.region(), extra.fd) == 0
-            assert len(s.backend.regions) == 2
+            assert len(s.handler.regions) == 2
             _exchange(g.driver, 0, 40, 40)
             # overlapping an existing region (guest-physical): refused
             overlap = MemRegion(ram.gpa + 4096, 4096, extra.uva + (1 << 40), 0)
             assert p.add_mem_reg(overlap, extra.fd, check=False) != 0
             # QEMU used to send the region's fd with REM_MEM_REG: accepted, closed
             assert p.rem_mem_reg(extra.region(), [extra.fd]) == 0
-            assert len(s.backend.regions) == 1
+            assert len(s.handler.regions) == 1
             # removed again, with no add of it left: refused, nothing changes
             assert p.rem_mem_reg(extra.region(), check=False) != 0
-            assert len(s.backend.regions) == 1
+            assert len(s.handler.regions) == 1
             # a region that was never added: refused
             assert p.rem_mem_reg(MemRegion(GPA_BASE + (1 << 32), 4096, 1 << 44, 0),
                                  check=False) != 0
-            assert len(s.backend.regions) == 1
+            assert len(s.handler.regions) == 1
             _exchange(g.driver, 0, 80, 40)
             assert g.stop() == {0: 120, 1: 120}
             g.close()
@@ -416,19 +418,19 @@ def test_duplicate_add_mem_reg_per_queue_pair(tmp_path, ring_kind, caplog):
     ram = GuestRam(16 << 20, name=f"vu-dup-{os.getpid()}")
     try:
         with serving(tmp_path, "loopback", queues=2) as s, s.connect() as p:
-            caplog.set_level("DEBUG", logger="pyvirtio.vhost_user.backend")
+            caplog.set_level("DEBUG", logger="pyvirtio.vhost_user.memory")
             g = start_net(p, ram, pairs=2, memory="add", packed=ring_kind == "packed")
             fd = os.dup(ram.fd)
             try:
                 assert p.add_mem_reg(ram.region(), fd) == 0        # pair 1's copy
             finally:
                 os.close(fd)
-            assert len(s.backend.regions) == 1
+            assert len(s.handler.regions) == 1
             assert _memfd_maps(ram.name) == 2           # ours and the back-end's one
             assert "already mapped" in caplog.text
             for pair in (0, 1):
                 _exchange(g.driver, pair, 0, 60 + 10 * pair)
-            stats = s.backend.pair_stats()
+            stats = s.device.pair_stats()
             assert [st["tx"]["packets"] for st in stats] == [60, 70]
             assert [st["rx"]["packets"] for st in stats] == [60, 70]
             # the same region at another mmap offset is not a copy: it overlaps
@@ -437,7 +439,7 @@ def test_duplicate_add_mem_reg_per_queue_pair(tmp_path, ring_kind, caplog):
             assert g.stop() == {0: g.base(60), 1: g.base(60), 2: g.base(70),
                                 3: g.base(70)}
             assert p.rem_mem_reg(ram.region()) == 0
-            assert not s.backend.regions
+            assert not s.handler.regions
             assert _memfd_maps(ram.name) == 1
             assert p.rem_mem_reg(ram.region()) == 0       # pair 1's removal
             assert p.rem_mem_reg(ram.region(), check=False) != 0
@@ -445,7 +447,7 @@ def test_duplicate_add_mem_reg_per_queue_pair(tmp_path, ring_kind, caplog):
             for _ in range(2):
                 assert p.add_mem_reg(ram.region(), ram.fd) == 0
             assert p.add_mem_reg(ram.region(), ram.fd, check=False) != 0
-            assert [m.adds for m in s.backend.regions] == [2]
+            assert [m.adds for m in s.handler.regions] == [2]
             g.close()
     finally:
         ram.close()
@@ -466,11 +468,11 @@ def test_region_replaced_per_queue_pair(tmp_path):
             for fd in (rings.fd, ram.fd, ram.fd):           # pair 1 adds ram again
                 region = rings.region() if fd == rings.fd else ram.region()
                 assert p.add_mem_reg(region, fd) == 0
-            assert len(s.backend.regions) == 2
+            assert len(s.handler.regions) == 2
             for _pair in (0, 1):
                 assert p.rem_mem_reg(ram.region()) == 0
                 assert p.add_mem_reg(big.region(), big.fd) == 0
-                assert [m.region for m in s.backend.regions] == [rings.region(),
+                assert [m.region for m in s.handler.regions] == [rings.region(),
                                                                 big.region()]
             assert _memfd_maps(ram.name) == 1                # ours only
             assert _memfd_maps(big.name) == 2
@@ -480,7 +482,7 @@ def test_region_replaced_per_queue_pair(tmp_path):
             assert p.rem_mem_reg(big.region()) == 0
             assert p.set_mem_table([rings]) == 0
             assert p.rem_mem_reg(big.region(), check=False) != 0
-            assert [m.region for m in s.backend.regions] == [rings.region()]
+            assert [m.region for m in s.handler.regions] == [rings.region()]
     finally:
         for r in (ram, big, rings):
             r.close()
@@ -492,14 +494,14 @@ def test_tx_coalesce_us_reaches_every_device(tmp_path):
     """The back-end's tx_coalesce_us is the device's, also for the fresh device of the
     next connection; a value the workers do not accept is refused up front."""
     with serving(tmp_path, "sink", tx_coalesce_us=0) as s:
-        first = s.backend.device
+        first = s.device.net
         assert first.tx_coalesce_us == 0
         with s.connect() as p:
             p.negotiate_protocol()
-        wait_for(lambda: s.backend.device is not first, what="a fresh device")
-        assert s.backend.device.tx_coalesce_us == 0
+        wait_for(lambda: s.device.net is not first, what="a fresh device")
+        assert s.device.net.tx_coalesce_us == 0
     with Sink() as sink, pytest.raises(ValueError, match="tx_coalesce_us 10001"):
-        VhostUserNetBackend(sink, tx_coalesce_us=10001)
+        VhostUserNetDevice(sink, tx_coalesce_us=10001)
 
 
 
@@ -518,7 +520,7 @@ def test_get_and_set_config(tmp_path):
         migration = ConfigSpace(0, 6, 1, new_mac).pack()
         assert p.call(Request.SET_CONFIG, migration) == 0
         assert p.get_config(0, 6).payload == new_mac
-        assert s.backend.device.rx_filter.mac == new_mac
+        assert s.device.net.rx_filter.mac == new_mac
         pairs3 = ConfigSpace(8, 2, 1, struct.pack("<H", 3)).pack()
         assert p.call(Request.SET_CONFIG, pairs3, check=False) != 0
 
@@ -537,7 +539,7 @@ def test_set_and_get_status(tmp_path, ram):
         _exchange(g.driver, 0, 0, 25)
         # status 0 (QEMU sends it before GET_VRING_BASE): the rings stop, indices kept
         p.call(Request.SET_STATUS, U64(0).pack())
-        assert not any(r.started for r in s.backend.rings)
+        assert not any(r.started for r in s.handler.rings)
         assert p.get_vring_base(1) == 25 and p.get_vring_base(0) == 25
         assert p.call(Request.SET_STATUS, U64(0x1FF).pack(), check=False) != 0
         g.close()
@@ -548,10 +550,10 @@ def test_reset_device_returns_to_the_initial_state(tmp_path, ram):
         g = start_net(p, ram)
         _exchange(g.driver, 0, 0, 30)
         assert p.call(Request.RESET_DEVICE) == 0
-        b = s.backend
-        assert not any(r.started for r in b.rings)
-        assert b.device.negotiated_features == 0 and b.memory is None and not b.regions
-        assert b.protocol_features == ALL_PROTOCOL          # the connection's, kept
+        h = s.handler
+        assert not any(r.started for r in h.rings)
+        assert s.device.net.negotiated_features == 0 and h.memory is None and not h.regions
+        assert h.protocol_features == ALL_PROTOCOL          # the connection's, kept
         g.close()
         g = start_net(p, ram)                               # set up again from scratch
         _exchange(g.driver, 0, 0, 30)
@@ -609,7 +611,7 @@ def test_frames_through_loopback_on_four_pairs(tmp_path, ring_kind):
                     sent += n
                     got += recv_frames(g.driver, pair, n)
                 assert got == frames
-            stats = s.backend.pair_stats()
+            stats = s.device.pair_stats()
             assert [st["rx"]["packets"] for st in stats] == [300] * 4
             assert [st["tx"]["packets"] for st in stats] == [300] * 4
             g.close()
@@ -624,7 +626,7 @@ def test_sink_consumes_every_frame_and_counts_it(tmp_path, ram):
         while sent < 1000:
             sent += g.driver.send(0, [frame(sent + i) for i in range(min(200, 1000 - sent))])
             assert g.driver.wait_tx_done(0)
-        stats = s.backend.pair_stats()[0]
+        stats = s.device.pair_stats()[0]
         # consumed with no syscall (DISCARD_FD) and counted as sent, headers excluded
         assert stats["tx"]["packets"] == 1000 and stats["tx"]["dropped"] == 0
         assert stats["tx"]["bytes"] == sum(len(frame(i)) for i in range(1000))
@@ -670,7 +672,7 @@ def test_net_set_mtu_sets_the_tap_and_the_config(tmp_path, tap_ns):
             assert p.call(Request.NET_SET_MTU, U64(65535).pack(), check=False) != 0  # TAP max
             assert tap.link_info()["mtu"] == 9000
         # the next front-end finds the MTU the back-end was started with
-        wait_for(lambda: s.backend.connections == 1 and s.backend.memory is None
+        wait_for(lambda: s.port.connections == 1 and s.port.handler is None
                  and tap.link_info()["mtu"] == 1500)
 
 

@@ -22,7 +22,7 @@ import time
 import pytest
 
 import vqcore
-from pyvirtio.vhost_user.backend import VHOST_USER_NET_FEATURES
+from vhost_user_peer import NET_OFFERED
 from pyvirtio.vhost_user.messages import (HEADER, VERSION, VRING_NOFD_MASK, LogBase,
                                           MemRegion, MemTable, Request, SingleMemRegion,
                                           U64, VringAddr, VringState)
@@ -144,7 +144,7 @@ def test_kick_fd_that_is_not_an_eventfd(tmp_path, kick, mode):
                 p.vring_addr(0, ram[0].uva_of(ring.desc), ram[0].uva_of(ring.avail),
                              ram[0].uva_of(ring.used))
                 assert p.vring_fd(Request.SET_VRING_KICK, 0, fd, check=False) != 0
-                assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+                assert p.get_features() == NET_OFFERED
             b.check_clean(warnings=1)
             assert "not an eventfd" in b.log_text()
         finally:
@@ -170,7 +170,7 @@ def test_full_call_eventfd_does_not_stall_the_worker(sink):
             for _ in range(20):                   # frames out, and kicks
                 g.driver.send(0, [bytes(60)] * 8)
                 time.sleep(0.002)
-            assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+            assert p.get_features() == NET_OFFERED
             g.close()
         sink.check_clean()
         assert os.eventfd_read(call) == EVENTFD_MAX      # full: signalled, not written
@@ -260,7 +260,7 @@ def test_every_fd_message_refuses_wrong_fds(sink, tmp_path, message):
                     reply = p.recv()
                     assert reply.request == request
                     assert U64.unpack(reply.body).value != 0, f"{message} took a {kind}"
-                    assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+                    assert p.get_features() == NET_OFFERED
             finally:
                 os.close(fd)
             sink.check_clean(warnings=1)
@@ -462,7 +462,7 @@ def test_mtu_changes_in_a_namespace_do_not_stop_the_backend(tmp_path):
                 for i in range(MTU_CHANGES):
                     assert p.call(Request.NET_SET_MTU, U64(9000 if i % 2 == 0 else 1500
                                                            ).pack()) == 0
-                assert p.get_features() == int(VHOST_USER_NET_FEATURES)
+                assert p.get_features() == NET_OFFERED
                 with ns.iproute() as ipr:
                     assert ipr.link("get", ifname="vqmtu0")[0].get("mtu") == 1500
             b.check_clean()

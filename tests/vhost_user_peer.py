@@ -39,20 +39,23 @@ from pyvirtio.backends.loopback import Loopback
 from pyvirtio.backends.sink import Sink
 from pyvirtio.net.driver import NetDriver
 from pyvirtio.status import DeviceStatus
-from pyvirtio.vhost_user.backend import VhostUserNetBackend
+from pyvirtio.net.vhost_user import VHOST_USER_NET_FEATURES, VhostUserNetDevice
+from pyvirtio.vhost_user.handler import VhostUserHandler
 from pyvirtio.vhost_user.connection import Connection
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, HEADER,
                                           VERSION, VRING_NOFD_MASK, ConfigSpace, MemRegion,
                                           MemTable, Message, ProtocolFeature, Request,
                                           SingleMemRegion, U64, VringAddr, VringState,
                                           encode_vring_base)
-from pyvirtio.vhost_user.server import VhostUserServer
+from pyvirtio.vhost_user.server import Port, VhostUserServer
 
 #: seconds a new ``pyvirtio net`` process may take to start: importing vqcore from an
 #: editable install rebuilds it first, which takes minutes on a busy 2-core machine
 STARTUP = 300
 #: guest-physical base of test memory: neither 0 nor the mapping's own address
 GPA_BASE = 1 << 32
+#: what GET_FEATURES answers from a net back-end with its default features
+NET_OFFERED = int(VHOST_USER_NET_FEATURES) | F_PROTOCOL_FEATURES
 #: the protocol features the tests' front-end asks for
 ALL_PROTOCOL = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
                    | ProtocolFeature.NET_MTU | ProtocolFeature.RARP
@@ -437,10 +440,22 @@ def frame(i: int, size: int = 64, src: bytes = b"\x02\x00\x00\x00\x00\x01") -> b
 
 @dataclass
 class Serving:
+    """A port served in a thread: its device, the server and the current handler."""
     path: str
-    backend: VhostUserNetBackend
+    device: VhostUserNetDevice
     server: VhostUserServer
     packet: object
+
+    @property
+    def port(self) -> Port:
+        return self.server.port
+
+    @property
+    def handler(self) -> VhostUserHandler:
+        """The handler of the connection being served (AssertionError when none)."""
+        h = self.port.handler
+        assert h is not None, "no front-end connected"
+        return h
 
     def connect(self, timeout: float = 5.0) -> Peer:
         return Peer(self.path, timeout)
@@ -449,25 +464,25 @@ class Serving:
 @contextmanager
 def serving(tmp_path, packet: str | object = "sink", *, queues: int = 1,
             message_timeout: float = 1.0, **kwargs) -> Iterator[Serving]:
-    """A :class:`VhostUserNetBackend` over ``packet`` ("sink", "loopback" or an object)
+    """A :class:`VhostUserNetDevice` over ``packet`` ("sink", "loopback" or an object)
     with its server in a thread on ``tmp_path/vhost.sock``."""
     if packet == "sink":
         packet = Sink(queues)
     elif packet == "loopback":
         packet = Loopback(queues)
     path = str(tmp_path / "vhost.sock")
-    backend = VhostUserNetBackend(packet, queues=queues, **kwargs)
-    server = VhostUserServer(backend, socket_path=path, message_timeout=message_timeout)
+    device = VhostUserNetDevice(packet, queues=queues, **kwargs)
+    server = VhostUserServer(device, socket_path=path, message_timeout=message_timeout)
     thread = threading.Thread(target=server.serve_forever, name="vhost-server", daemon=True)
     thread.start()
     try:
-        yield Serving(path, backend, server, packet)
+        yield Serving(path, device, server, packet)
     finally:
         server.shutdown()
         thread.join(10)
         assert not thread.is_alive(), "the server did not stop"
         server.close()
-        backend.close()
+        device.close()
         if hasattr(packet, "close") and isinstance(packet, (Sink, Loopback)):
             packet.close()
 

@@ -11,6 +11,8 @@ import shutil
 import signal
 import sys
 import threading
+from contextlib import ExitStack
+from typing import Any, Callable
 
 log = logging.getLogger("pyvirtio")
 
@@ -85,18 +87,78 @@ def _mac_address(text: str) -> bytes:
     return mac
 
 
+def _socket_mode(text: str) -> int:
+    """argparse type: an octal permission mode like 660 or 0o660."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text}: a mode is 000..777")
+    return mode
+
+
+def _add_socket_args(p: argparse.ArgumentParser) -> None:
+    """The socket options every back-end command takes (vhost-user.rst's backend
+    program conventions, and client mode)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH",
+                       help="listen on this Unix socket (with --client: connect to it)")
+    where.add_argument("--fd", type=int, metavar="FD",
+                       help="use this inherited socket (listening or connected)")
+    p.add_argument("--client", action="store_true",
+                   help="connect to the front-end listening on --socket-path (QEMU's "
+                        "server=on) and connect again whenever it goes away")
+    p.add_argument("--socket-mode", type=_socket_mode, metavar="MODE",
+                   help="permission bits of the listening socket file (e.g. 660)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group of the listening socket file (e.g. the one libvirt's "
+                        "QEMU runs as)")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the back-end capabilities as JSON and exit")
+    p.add_argument("--message-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="time a front-end may take to finish a message (default 5)")
+
+
+def _check_socket(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate the socket options (exits 2 on an error)."""
+    from pyvirtio.vhost_user.server import ServerError, check_socket_fd, check_socket_path
+
+    if (args.socket_path is None) == (args.fd is None):
+        parser.error("give one of --socket-path PATH and --fd FD")
+    if args.client and args.socket_path is None:
+        parser.error("--client connects to a --socket-path")
+    if (args.client or args.fd is not None) and (args.socket_mode is not None
+                                                 or args.socket_group is not None):
+        parser.error("--socket-mode and --socket-group apply to a socket the back-end "
+                     "listens on (--socket-path without --client)")
+    if args.socket_group is not None and not args.socket_group.isdigit():
+        import grp
+        try:
+            grp.getgrnam(args.socket_group)
+        except KeyError:
+            parser.error(f"--socket-group: no group {args.socket_group!r}")
+    if args.message_timeout <= 0:
+        parser.error("--message-timeout must be positive")
+    try:
+        if args.socket_path is not None:
+            check_socket_path(args.socket_path)
+        else:
+            check_socket_fd(args.fd)
+    except ServerError as exc:
+        parser.error(f"{'--socket-path' if args.fd is None else '--fd'}: {exc}")
+
+
 def _check_net(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Validate ``pyvirtio net`` arguments beyond argparse (exits 2 on an error)."""
     from pyvirtio import netns
     from pyvirtio.backends.tap import MAX_TAP_QUEUES, TapError, check_ifname
+    from pyvirtio.net.vhost_user import MAX_QUEUE_PAIRS, MTU_MAX, MTU_MIN
     from pyvirtio.runtime import check_tx_coalesce_us
-    from pyvirtio.vhost_user.backend import MAX_QUEUE_PAIRS, MTU_MAX, MTU_MIN
-    from pyvirtio.vhost_user.server import ServerError, check_socket_fd, check_socket_path
 
     if args.print_capabilities:
         return                      # vhost-user.rst: other options are ignored
-    if (args.socket_path is None) == (args.fd is None):
-        parser.error("give one of --socket-path PATH and --fd FD")
+    _check_socket(parser, args)
     if not (args.tap is not None or args.sink or args.loopback):
         parser.error("choose where packets go: --tap NAME, --sink or --loopback")
     limit = min(MAX_QUEUE_PAIRS, MAX_TAP_QUEUES) if args.tap is not None else MAX_QUEUE_PAIRS
@@ -105,8 +167,6 @@ def _check_net(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     mtu_max = 65521 if args.tap is not None else MTU_MAX    # a TAP's MTU ends at 65521
     if args.mtu is not None and not MTU_MIN <= args.mtu <= mtu_max:
         parser.error(f"--mtu {args.mtu}: must be {MTU_MIN}..{mtu_max}")
-    if args.message_timeout <= 0:
-        parser.error("--message-timeout must be positive")
     try:
         check_tx_coalesce_us(args.tx_coalesce_us, "--tx-coalesce-us")
     except ValueError as exc:
@@ -121,13 +181,6 @@ def _check_net(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error("--netns applies to --tap only")
         if not netns.exists(args.netns):
             parser.error(f"--netns: network namespace {args.netns!r} does not exist")
-    try:
-        if args.socket_path is not None:
-            check_socket_path(args.socket_path)
-        else:
-            check_socket_fd(args.fd)
-    except ServerError as exc:
-        parser.error(f"{'--socket-path' if args.fd is None else '--fd'}: {exc}")
 
 
 def _open_packet_end(args: argparse.Namespace):
@@ -143,15 +196,15 @@ def _open_packet_end(args: argparse.Namespace):
     return Loopback(args.queues, mtu=mtu)
 
 
-def _net(args: argparse.Namespace) -> int:
-    from pyvirtio.vhost_user.backend import VhostUserNetBackend, capabilities
+def _serve(args: argparse.Namespace, open_device: Callable[[ExitStack], Any]) -> int:
+    """Serve the device ``open_device`` builds on the socket the arguments name, until
+    SIGINT or SIGTERM; SIGUSR1 logs the device's counters. Everything ``open_device``
+    registers on the stack is closed at the end."""
     from pyvirtio.vhost_user.server import VhostUserServer
 
-    if args.print_capabilities:
-        sys.stdout.write(json.dumps(capabilities(), indent=2) + "\n")
-        return 0
     stopping = threading.Event()
     owner = os.getpid()
+    device = server = None
 
     def on_signal(signum: int, _frame: object) -> None:
         if os.getpid() != owner:
@@ -167,36 +220,48 @@ def _net(args: argparse.Namespace) -> int:
             server.shutdown()
 
     def on_usr1(signum: int, _frame: object) -> None:
-        if os.getpid() == owner and backend is not None:
-            backend.log_pair_stats("SIGUSR1")
+        if os.getpid() == owner and device is not None:
+            device.log_stats("SIGUSR1")
 
-    packet = backend = server = None
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_usr1)
     try:
-        packet = _open_packet_end(args)
-        backend = VhostUserNetBackend(packet, queues=args.queues, mac=args.mac,
-                                      mtu=args.mtu if args.mtu is not None else 1500,
-                                      poll=args.poll, packed=not args.no_packed,
-                                      tx_coalesce_us=args.tx_coalesce_us)
-        server = VhostUserServer(backend, socket_path=args.socket_path, fd=args.fd,
-                                 message_timeout=args.message_timeout)
-        if stopping.is_set():           # a signal before the server was there
-            server.shutdown()
-        server.serve_forever()
+        with ExitStack() as stack:
+            device = open_device(stack)
+            stack.callback(device.close)
+            server = VhostUserServer(device, socket_path=args.socket_path, fd=args.fd,
+                                     client=args.client, message_timeout=args.message_timeout,
+                                     socket_mode=args.socket_mode,
+                                     socket_group=args.socket_group)
+            stack.callback(server.close)
+            if stopping.is_set():           # a signal before the server was there
+                server.shutdown()
+            server.serve_forever()
         return 0
     except OSError as exc:          # TapError, ServerError, NetnsError, ...
         log.error("%s", exc)
         return 1
     finally:
-        for obj in (server, backend, packet):
-            if obj is not None:
-                try:
-                    obj.close()
-                except Exception as exc:  # noqa: BLE001 - clean up the rest regardless
-                    log.error("closing %r: %s", obj, exc)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _net(args: argparse.Namespace) -> int:
+    from pyvirtio.net.vhost_user import NET_PROTOCOL_FEATURES, VhostUserNetDevice
+    from pyvirtio.vhost_user.handler import capabilities
+
+    if args.print_capabilities:
+        caps = capabilities(VhostUserNetDevice.device_type, int(NET_PROTOCOL_FEATURES), True)
+        sys.stdout.write(json.dumps(caps, indent=2) + "\n")
+        return 0
+
+    def open_device(stack: ExitStack) -> VhostUserNetDevice:
+        packet = stack.enter_context(_open_packet_end(args))
+        return VhostUserNetDevice(packet, queues=args.queues, mac=args.mac,
+                                  mtu=args.mtu if args.mtu is not None else 1500,
+                                  poll=args.poll, packed=not args.no_packed,
+                                  tx_coalesce_us=args.tx_coalesce_us)
+    return _serve(args, open_device)
 
 
 #: ``pyvirtio bench``'s levels in suite order (pyvirtio.bench.suite.LEVELS, named here so
@@ -227,17 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         "net", help="run a vhost-user-net back-end",
         description="A vhost-user-net back-end (QEMU docs/interop/vhost-user.rst, "
                     "backend program conventions). It serves one front-end at a time and "
-                    "listens again when it disconnects; SIGINT/SIGTERM end it cleanly, "
+                    "listens again when it disconnects (with --client: connects to the "
+                    "front-end, and again whenever it goes away); SIGINT/SIGTERM end it cleanly, "
                     "SIGUSR1 logs each queue pair's counters (also logged when a "
                     "front-end disconnects).")
     n.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="debug logging")
-    where = n.add_mutually_exclusive_group()
-    where.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
-    where.add_argument("--fd", type=int, metavar="FD",
-                       help="use this inherited socket (listening or connected)")
-    n.add_argument("--print-capabilities", action="store_true",
-                   help="print the back-end capabilities as JSON and exit")
+    _add_socket_args(n)
     end = n.add_mutually_exclusive_group()
     end.add_argument("--tap", metavar="NAME", help="a TAP interface (created if missing)")
     end.add_argument("--sink", action="store_true", help="count and drop every TX frame")
@@ -257,8 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--no-packed", action="store_true",
                    help="do not offer VIRTIO_F_RING_PACKED (packed rings are offered by "
                         "default; the guest still chooses)")
-    n.add_argument("--message-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="time a front-end may take to finish a message (default 5)")
     n.set_defaults(func=_net, check=_check_net, parser=n)
     return p
 

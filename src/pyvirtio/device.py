@@ -223,6 +223,13 @@ class VirtioDevice:
         """Why DEVICE_NEEDS_RESET was set, or None."""
         return self._needs_reset_reason
 
+    def clear_needs_reset(self) -> None:
+        """Forget DEVICE_NEEDS_RESET, for a transport whose driver acknowledged it
+        without a full reset (vhost-user's SET_STATUS 0 stops the rings and keeps
+        their state)."""
+        self._status.clear_needs_reset()
+        self._needs_reset_reason = None
+
     # ---- features ----------------------------------------------------------------------
 
     @property

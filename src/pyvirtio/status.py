@@ -143,6 +143,10 @@ class StatusMachine:
         self._features_written = False
         self.features_refused = 0
 
+    def clear_needs_reset(self) -> None:
+        """Take DEVICE_NEEDS_RESET away again (the transport's driver dealt with it)."""
+        self._status &= ~DeviceStatus.DEVICE_NEEDS_RESET
+
     def set_needs_reset(self) -> bool:
         """The device sets DEVICE_NEEDS_RESET; True if it was not set before."""
         if self._status & DeviceStatus.DEVICE_NEEDS_RESET:

@@ -24,7 +24,8 @@ import pytest
 from pyvirtio.features import NetFeature as N
 from pyvirtio.features import Transport as T
 from pyvirtio.features import describe
-from pyvirtio.vhost_user.backend import VHOST_USER_NET_FEATURES
+from pyvirtio.net.vhost_user import VHOST_USER_NET_FEATURES
+from pyvirtio.vhost_user.messages import F_PROTOCOL_FEATURES
 
 from pyvirtio.guest.harness import (BACKENDS, GUEST_IP, GUEST_MAC, HOST_IP, Qemu, VmConfig,
                                     end_process, ethtool_stats, guest_feature_bits,
@@ -187,7 +188,7 @@ def test_guest_reboot(testbed, backend, packed):
 
 def vhost_user_offered(queues: int = 1) -> int:
     """The virtio features ``pyvirtio net --queues N`` offers (GET_FEATURES)."""
-    offered = int(VHOST_USER_NET_FEATURES)
+    offered = int(VHOST_USER_NET_FEATURES) | F_PROTOCOL_FEATURES
     if queues > 1:
         offered |= int(N.MQ)
     return offered

@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 
 from vqcore.net import NetRxFilter, NetStats
 
-from pyvirtio.device import VirtioDevice
+from pyvirtio.device import VirtioDevice, Vring
 from pyvirtio.features import NET_DEPENDENCIES, NetFeature, Transport
 from pyvirtio.net.config import NetConfig
 from pyvirtio.net.ctrl import ControlQueue
@@ -122,11 +122,7 @@ class NetDevice(VirtioDevice):
         #: per queue: the eventfd the driver kicks and the one we signal (interrupt)
         self.kick_fds = [os.eventfd(0, flags) for _ in range(num_queues)]
         self.call_fds = [os.eventfd(0, flags) for _ in range(num_queues)]
-        #: per queue: an eventfd signalled when the queue is found broken, or -1
-        self.err_fds = [-1] * num_queues
         self.workers: dict[int, QueuePairWorker] = {}
-        #: per queue: False while a started ring is disabled (vhost-user)
-        self.ring_enabled = [True] * num_queues
         self._pair_stats: list[tuple[NetStats, NetStats]] = [
             (NetStats(), NetStats()) for _ in range(max_pairs)]
         self.active_pairs = 1
@@ -198,7 +194,7 @@ class NetDevice(VirtioDevice):
             self.active_pairs = pairs
             if self.driver_ok:
                 for p in range(pairs):
-                    self._start_worker(p)
+                    self.start_pair(p)
         log.info("%s: %d queue pair(s) active", self.name, pairs)
 
     # ---- life cycle ------------------------------------------------------------------------
@@ -211,7 +207,7 @@ class NetDevice(VirtioDevice):
         with self._lock:
             self.active_pairs = 1
             self.backend.set_active_queues(1)
-            self._start_worker(0)
+            self.start_pair(0)
             if self.has_ctrl and self.queues[self.ctrl_index] is not None:
                 self._start_ctrl()
 
@@ -235,13 +231,11 @@ class NetDevice(VirtioDevice):
         if self._closed:
             return
         self.stop()
-        for fd in self.kick_fds + self.call_fds + self.err_fds:
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self.err_fds = [-1] * len(self.err_fds)
+        for fd in self.kick_fds + self.call_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self._closed = True
 
     def __enter__(self) -> "NetDevice":
@@ -261,69 +255,49 @@ class NetDevice(VirtioDevice):
             return GSO_FRAME_MAX + HDR_LEN
         return self.net_config.mtu + 14 + 4 + HDR_LEN
 
-    def set_kick_fd(self, index: int, fd: int) -> None:
-        """Use ``fd`` (an eventfd the device now owns) for the driver's kicks of queue
-        ``index``; the old one is closed. Restart the pair for it to take effect."""
-        old, self.kick_fds[index] = self.kick_fds[index], fd
-        if old != fd:
-            os.close(old)
+    def own_vring(self, index: int) -> Vring | None:
+        """Queue ``index`` as the device itself runs it for an in-process driver (its
+        own kick and call eventfds), or None when it does not run."""
+        queue = self.queues[index]
+        if queue is None:
+            return None
+        return Vring(index, queue, self.kick_fds[index], self.call_fds[index])
 
-    def set_call_fd(self, index: int, fd: int) -> None:
-        """Use ``fd`` (an eventfd the device now owns) to interrupt the driver for queue
-        ``index``; the old one is closed. Restart the pair for it to take effect."""
-        old, self.call_fds[index] = self.call_fds[index], fd
-        if old != fd:
-            os.close(old)
-
-    def set_err_fd(self, index: int, fd: int) -> None:
-        """Signal ``fd`` (an eventfd the device now owns; -1: none) when queue ``index``
-        is found broken; the old one is closed. Restart the pair for it to take
-        effect."""
-        old, self.err_fds[index] = self.err_fds[index], fd
-        if old >= 0 and old != fd:
-            os.close(old)
-
-    def start_pair(self, pair: int) -> None:
-        """Start the worker of ``pair`` over whichever of its queues run."""
+    def start_pair(self, pair: int, rx: Vring | None = None, tx: Vring | None = None
+                   ) -> None:
+        """Start the worker of ``pair`` over ``rx`` and ``tx`` (the receive and
+        transmit ring; one may be None), or, with neither given, over whichever of the
+        device's own queues run. A ring without a kick fd is busy-polled."""
         with self._lock:
-            self._start_worker(pair)
+            if rx is None and tx is None:
+                rx, tx = self.own_vring(self.rx_index(pair)), self.own_vring(self.tx_index(pair))
+            self._start_worker(pair, rx, tx)
 
     def stop_pair(self, pair: int) -> None:
         """Stop the worker of ``pair`` (its queues keep their state)."""
         with self._lock:
             self._stop_worker(pair)
 
-    def set_ring_enabled(self, index: int, enabled: bool) -> None:
-        """vhost-user SET_VRING_ENABLE: a disabled ring discards TX / supplies no RX."""
-        self.ring_enabled[index] = bool(enabled)
-        worker = self.workers.get(index // 2)
-        if worker is not None:
-            if index % 2:
-                worker.cfg.tx_enabled = bool(enabled)
-            else:
-                worker.cfg.rx_enabled = bool(enabled)
-            worker.wake()
-
-    def _start_worker(self, pair: int) -> None:
+    def _start_worker(self, pair: int, rx: Vring | None, tx: Vring | None) -> None:
         if pair in self.workers:
             return
-        rx, tx = self.queues[self.rx_index(pair)], self.queues[self.tx_index(pair)]
         if rx is None and tx is None:
             log.debug("%s: pair %d not started (queues not enabled)", self.name, pair)
             return
         rx_stats, tx_stats = self._pair_stats[pair]
         cfg = QueuePairConfig(
-            index=pair, rx=rx, tx=tx, fd=self.backend.fds[pair],
-            tx_fd=self.backend.tx_fds[pair],
-            rx_kick=self.kick_fds[self.rx_index(pair)], tx_kick=self.kick_fds[self.tx_index(pair)],
-            rx_call=self.call_fds[self.rx_index(pair)], tx_call=self.call_fds[self.tx_index(pair)],
-            rx_err=self.err_fds[self.rx_index(pair)], tx_err=self.err_fds[self.tx_index(pair)],
-            rx_filter=self.rx_filter,
+            index=pair, rx=None, tx=None, fd=self.backend.fds[pair],
+            tx_fd=self.backend.tx_fds[pair], rx_kick=-1, tx_kick=-1, rx_filter=self.rx_filter,
             mrg_rxbuf=bool(self.negotiated_features & NetFeature.MRG_RXBUF),
-            max_frame=self._max_frame(), poll=self.poll, tx_coalesce_us=self.tx_coalesce_us,
-            on_violation=self._on_violation, rx_stats=rx_stats, tx_stats=tx_stats,
-            rx_enabled=self.ring_enabled[self.rx_index(pair)],
-            tx_enabled=self.ring_enabled[self.tx_index(pair)])
+            max_frame=self._max_frame(),
+            poll=self.poll or any(v.kick_fd < 0 for v in (rx, tx) if v is not None),
+            tx_coalesce_us=self.tx_coalesce_us, on_violation=self._on_violation,
+            rx_stats=rx_stats, tx_stats=tx_stats)
+        for side, v in (("rx", rx), ("tx", tx)):
+            if v is not None:
+                for attr, value in (("", v.queue), ("_kick", v.kick_fd), ("_call", v.call_fd),
+                                    ("_err", v.err_fd), ("_enabled", v.enabled)):
+                    setattr(cfg, side + attr, value)
         worker = QueuePairWorker(cfg)
         self.workers[pair] = worker
         worker.start()

@@ -1,12 +1,16 @@
 """One vhost-user connection over a Unix stream socket.
 
-:meth:`Connection.recv` reads the 12-byte header with the fds that ride on it
-(SCM_RIGHTS), then exactly ``size`` bytes of body; anything malformed raises
+Messages are read incrementally (:meth:`Connection.read_messages`, for an event loop
+serving many connections): the 12-byte header with the fds that ride on it
+(SCM_RIGHTS), then exactly ``size`` bytes of body, each read as far as the socket has
+data; a message is handed out once it is whole. Anything malformed raises
 :class:`ProtocolError` after closing every fd that arrived. Once the first byte of a
-message is in, the rest must follow within ``message_timeout`` seconds: a peer that
-stalls mid-message cannot hang us. A back-end's connection (``send_wait=False``) never
-waits to send either: a reply that does not fit the socket buffer at once means the
-peer stopped reading, and :class:`PeerStalled` ends the connection.
+message is in, the rest must follow within ``message_timeout`` seconds
+(:attr:`Connection.deadline`; the blocking :meth:`Connection.recv` enforces it itself):
+a peer that stalls mid-message cannot hang us. A back-end's connection
+(``send_wait=False``) never waits to send either: a reply that does not fit the
+socket buffer at once means the peer stopped reading, and :class:`PeerStalled` ends
+the connection.
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ def close_fds(fds: Iterable[int]) -> None:
             pass
 
 
+def _readable(sock: socket.socket) -> bool:
+    """Whether ``sock`` has data (or its end) to read now. Python's socket calls on a
+    socket with a timeout wait for it first: asking the kernel keeps reads from ever
+    waiting, whatever the socket's mode."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
+
+
 class Connection:
     """A vhost-user message stream (either end)."""
 
@@ -52,11 +65,20 @@ class Connection:
         self.max_body = max_body
         #: False: a send that would block raises PeerStalled instead of waiting
         self.send_wait = send_wait
+        # the message being read: header bytes, then body bytes (size known)
+        self._head = bytearray()
+        self._body = bytearray()
+        self._size: int | None = None
+        self._fds: list[int] = []
+        #: time.monotonic() by which the message being read must be whole, or None
+        self.deadline: float | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self) -> None:
+        """Close the socket and any fd of a message read halfway."""
+        self._discard()
         try:
             self.sock.close()
         except OSError:
@@ -64,54 +86,124 @@ class Connection:
 
     # ---- receiving ---------------------------------------------------------------------
 
-    def _wait(self, deadline: float, what: str) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-            raise ProtocolError(f"peer stalled in the middle of a message ({what})")
+    def _discard(self) -> None:
+        close_fds(self._fds)
+        self._fds = []
+        self._head.clear()
+        self._body.clear()
+        self._size = None
+        self.deadline = None
 
-    def _read_exact(self, n: int, deadline: float, what: str) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            self._wait(deadline, what)
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ProtocolError(f"connection closed in the middle of a message ({what}: "
-                                    f"{len(buf)} of {n} bytes)")
-            buf += chunk
-        return bytes(buf)
-
-    def recv(self, timeout: float | None = None) -> Message:
-        """The next message. Raises :class:`PeerClosed` at a clean end of stream,
-        :class:`ProtocolError` for a malformed message (fds already closed),
-        ``TimeoutError`` when nothing arrived within ``timeout``."""
-        if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
-            raise TimeoutError("no message")
-        fds: list[int] = []
-        try:
-            data, fds, flags, _ = socket.recv_fds(self.sock, HEADER_SIZE, MAX_FDS,
-                                                  socket.MSG_CMSG_CLOEXEC)
-            fds = list(fds)
+    def _read_some(self) -> bool:
+        """Read what the socket has towards the current message; False when it has
+        nothing (now). Raises PeerClosed at a clean end of stream."""
+        if not _readable(self.sock):
+            return False
+        if self._size is None:
+            want = HEADER_SIZE - len(self._head)
+            data, fds, flags, _ = socket.recv_fds(self.sock, want, MAX_FDS,
+                                                  socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+            self._fds += fds
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError(f"more than {MAX_FDS} fds (control data truncated)")
             if not data:
-                if fds:
+                if self._fds:
                     raise ProtocolError("fds without a message")
+                if self._head:
+                    raise ProtocolError(f"connection closed in the middle of a message "
+                                        f"(header: {len(self._head)} of {HEADER_SIZE} bytes)")
                 raise PeerClosed("peer closed the connection")
-            deadline = time.monotonic() + self.message_timeout
-            if len(data) < HEADER_SIZE:
-                data += self._read_exact(HEADER_SIZE - len(data), deadline, "header")
-            request, mflags, size = HEADER.unpack(data)
-            if mflags & FLAG_VERSION_MASK != VERSION:
-                raise ProtocolError(f"request {request}: protocol version "
-                                    f"{mflags & FLAG_VERSION_MASK}, expected {VERSION}")
-            if size > self.max_body:
-                raise ProtocolError(f"request {request}: body of {size} bytes exceeds the "
-                                    f"{self.max_body}-byte limit")
-            body = self._read_exact(size, deadline, "body") if size else b""
-            return Message(request, mflags, body, fds)
-        except BaseException:
-            close_fds(fds)
+            if not self._head:
+                self.deadline = time.monotonic() + self.message_timeout
+            self._head += data
+            if len(self._head) == HEADER_SIZE:
+                request, mflags, size = HEADER.unpack(self._head)
+                if mflags & FLAG_VERSION_MASK != VERSION:
+                    raise ProtocolError(f"request {request}: protocol version "
+                                        f"{mflags & FLAG_VERSION_MASK}, expected {VERSION}")
+                if size > self.max_body:
+                    raise ProtocolError(f"request {request}: body of {size} bytes exceeds "
+                                        f"the {self.max_body}-byte limit")
+                self._size = size
+            return True
+        want = self._size - len(self._body)
+        data = self.sock.recv(want, socket.MSG_DONTWAIT)
+        if not data:
+            raise ProtocolError(f"connection closed in the middle of a message (body: "
+                                f"{len(self._body)} of {self._size} bytes)")
+        self._body += data
+        return True
+
+    def _take(self) -> Message | None:
+        """The message read so far, if it is whole."""
+        if self._size is None or len(self._body) < self._size:
+            return None
+        request, mflags, _ = HEADER.unpack(self._head)
+        msg = Message(request, mflags, bytes(self._body), self._fds)
+        self._fds = []
+        self._head.clear()
+        self._body.clear()
+        self._size = None
+        self.deadline = None
+        return msg
+
+    def read_messages(self, limit: int = 64) -> list[Message]:
+        """The messages that the socket holds now, whole (at most ``limit``), without
+        blocking. Raises :class:`PeerClosed` at a clean end of stream between messages
+        (only when no message came with it), :class:`ProtocolError` for a malformed
+        message (its fds closed)."""
+        out: list[Message] = []
+        try:
+            while len(out) < limit:
+                try:
+                    if not self._read_some():
+                        break
+                except (BlockingIOError, InterruptedError):
+                    break
+                msg = self._take()
+                if msg is not None:
+                    out.append(msg)
+        except PeerClosed:
+            if out:
+                return out            # the end is seen again on the next call
             raise
+        except BaseException:
+            self._discard()
+            for msg in out:
+                close_fds(msg.fds)
+            raise
+        return out
+
+    def stalled(self, now: float | None = None) -> bool:
+        """Whether a message begun is overdue (``message_timeout`` since its first byte)."""
+        return self.deadline is not None and (time.monotonic() if now is None else now) \
+            > self.deadline
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message, waiting for it (up to ``timeout`` seconds for its first
+        byte, then ``message_timeout`` for the rest). Raises :class:`PeerClosed` at a
+        clean end of stream, :class:`ProtocolError` for a malformed message (fds
+        already closed), ``TimeoutError`` when nothing arrived within ``timeout``."""
+        start = time.monotonic()
+        while True:
+            msgs = self.read_messages(limit=1)
+            if msgs:
+                return msgs[0]
+            now = time.monotonic()
+            if self.deadline is not None:
+                left = self.deadline - now
+                if left <= 0:
+                    self._discard()
+                    raise ProtocolError("peer stalled in the middle of a message")
+            elif timeout is not None:
+                left = start + timeout - now
+                if left <= 0:
+                    raise TimeoutError("no message")
+            else:
+                left = None
+            p = select.poll()
+            p.register(self.sock, select.POLLIN)
+            p.poll(None if left is None else max(1, int(left * 1000 + 0.999)))
 
     # ---- sending -----------------------------------------------------------------------
 
