@@ -1,5 +1,5 @@
-"""The vhost-user front-end (:mod:`pyvirtio.vhost_user.frontend`) and the zero-copy
-forwarder (:mod:`pyvirtio.vhost_user.forwarder`).
+"""The vhost-user front-end (:mod:`pyvirtio.net.frontend`) and the zero-copy
+forwarder (:mod:`pyvirtio.net.forwarder`).
 
 Two kinds of peer:
 
@@ -51,10 +51,10 @@ from pyvirtio.net.header import HDR_LEN
 from pyvirtio.netns import socket_in
 from pyvirtio.status import DeviceStatus as S
 from pyvirtio.vhost_user.connection import Connection, PeerClosed, close_fds
-from pyvirtio.vhost_user.forwarder import Forwarder, ForwarderError
-from pyvirtio.vhost_user.frontend import (DEFAULT_FEATURES, BackendClosed, BackendNack,
+from pyvirtio.net.forwarder import Forwarder, ForwarderError
+from pyvirtio.net.frontend import (DEFAULT_FEATURES, BackendClosed, BackendNack,
                                           BackendTimeout, FrontendError, RxFrames,
-                                          VhostUserFrontend)
+                                          VhostUserNetFrontend)
 from pyvirtio.vhost_user.memfd import SharedGuestMemory
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, ConfigSpace,
                                           MemTable, Message, ProtocolFeature as PF,
@@ -128,7 +128,7 @@ class Pump:
     """Moves ``count`` frames through ``pair`` of a front-end whose back-end loops them
     back, ``window`` at most in flight, checking every frame received."""
 
-    def __init__(self, fe: VhostUserFrontend, pair: int, count: int, *, seq0: int = 0,
+    def __init__(self, fe: VhostUserNetFrontend, pair: int, count: int, *, seq0: int = 0,
                  tag: int = 0, window: int = 192, lengths: Sequence[int] = LENGTHS,
                  check_headers: bool = True) -> None:
         self.fe, self.pair, self.count = fe, pair, count
@@ -250,14 +250,14 @@ def backend(sockdir: str, *args: str, name: str = "be") -> Iterator[Backend]:
 
 
 def ring_kwargs(ring_kind: str) -> dict:
-    """VhostUserFrontend arguments for ``ring_kind``: packed asks for
+    """VhostUserNetFrontend arguments for ``ring_kind``: packed asks for
     VIRTIO_F_RING_PACKED on top of the defaults, split takes the defaults."""
     if ring_kind == "packed":
         return {"features": int(DEFAULT_FEATURES | T.RING_PACKED)}
     return {}
 
 
-def bases_after(fe: VhostUserFrontend, chains: int, rings: Sequence[int] = (0, 1)
+def bases_after(fe: VhostUserNetFrontend, chains: int, rings: Sequence[int] = (0, 1)
                 ) -> dict[int, int]:
     """GET_VRING_BASE of ``rings`` after ``chains`` one-descriptor chains each, none in
     flight (split: the index; packed: slot and wrap counter, avail and used halves)."""
@@ -266,9 +266,9 @@ def bases_after(fe: VhostUserFrontend, chains: int, rings: Sequence[int] = (0, 1
 
 
 @contextmanager
-def frontend(be: Backend, **kwargs) -> Iterator[VhostUserFrontend]:
+def frontend(be: Backend, **kwargs) -> Iterator[VhostUserNetFrontend]:
     """A started front-end on ``be``."""
-    fe = VhostUserFrontend(**kwargs)
+    fe = VhostUserNetFrontend(**kwargs)
     try:
         fe.connect(be.path, timeout=30)
         fe.start()
@@ -384,7 +384,7 @@ class FakeBackend(threading.Thread):
         return [s for s in self.seen if s.request == req]
 
 
-def attached(fe: VhostUserFrontend, fake_kwargs: dict | None = None):
+def attached(fe: VhostUserNetFrontend, fake_kwargs: dict | None = None):
     """Context: a FakeBackend with ``fake_kwargs``, ``fe`` negotiated on it."""
     @contextmanager
     def cm() -> Iterator[FakeBackend]:
@@ -414,7 +414,7 @@ RING_SETUP_ENABLE = RING_SETUP[:-1] + ["SET_VRING_ENABLE"] + RING_SETUP[-1:]
 def test_sequence_with_every_protocol_feature():
     """The documented order, every non-GET request with need_reply once REPLY_ACK is
     agreed; with ``disable_before_stop`` the rings are disabled before they stop."""
-    fe = VhostUserFrontend(pairs=2, queue_size=64, name="seq", disable_before_stop=True)
+    fe = VhostUserNetFrontend(pairs=2, queue_size=64, name="seq", disable_before_stop=True)
     with attached(fe, dict(queue_num=2, bases={0: 5, 1: 6, 2: 7, 3: 8})) as fake:
         assert fake.names() == ["GET_FEATURES", "GET_PROTOCOL_FEATURES",
                                 "SET_PROTOCOL_FEATURES", "GET_QUEUE_NUM", "SET_OWNER",
@@ -456,7 +456,7 @@ def test_sequence_with_every_protocol_feature():
 
 def test_stop_without_disable():
     """By default the rings are not disabled before GET_VRING_BASE."""
-    fe = VhostUserFrontend(queue_size=64, name="stop")
+    fe = VhostUserNetFrontend(queue_size=64, name="stop")
     with attached(fe) as fake:
         fe.start()
         n = len(fake.seen)
@@ -466,7 +466,7 @@ def test_stop_without_disable():
 
 def test_sequence_without_protocol_features():
     """A back-end without bit 30: no protocol messages, no ENABLE, no need_reply."""
-    fe = VhostUserFrontend(queue_size=64, name="plain")
+    fe = VhostUserNetFrontend(queue_size=64, name="plain")
     with attached(fe, dict(features=int(T.VERSION_1 | N.MRG_RXBUF))) as fake:
         fe.start()
         fe.stop()
@@ -483,7 +483,7 @@ def test_memory_table_and_ring_addresses(ring_kind):
     ring addresses are user addresses inside it (packed: the avail and used fields
     carry the driver and device event areas); SET_VRING_BASE is a fresh ring's (0, or
     0x80008000 packed, as QEMU sends it); kick/call/err fds are eventfds."""
-    fe = VhostUserFrontend(queue_size=128, name="mem", **ring_kwargs(ring_kind))
+    fe = VhostUserNetFrontend(queue_size=128, name="mem", **ring_kwargs(ring_kind))
     with attached(fe, dict(features=int(FULL_FEATURES | T.RING_PACKED))) as fake:
         assert bool(fe.features & T.RING_PACKED) == (ring_kind == "packed")
         fe.start()
@@ -516,7 +516,7 @@ def test_memory_table_and_ring_addresses(ring_kind):
                 assert a.avail == a.desc + 16 * 128 and a.used == a.avail + 4
 
 
-def ring_uvas(fe: VhostUserFrontend, index: int) -> tuple[int, int, int]:
+def ring_uvas(fe: VhostUserNetFrontend, index: int) -> tuple[int, int, int]:
     """Where ring ``index`` is in our address space (desc, avail, used)."""
     q = fe.queue(index).queue
     shm = fe.memory
@@ -524,7 +524,7 @@ def ring_uvas(fe: VhostUserFrontend, index: int) -> tuple[int, int, int]:
 
 
 def test_add_mem_reg_when_mem_slots_negotiated():
-    fe = VhostUserFrontend(queue_size=64, name="slots",
+    fe = VhostUserNetFrontend(queue_size=64, name="slots",
                            protocol_features=int(ALL_PF))
     with attached(fe) as fake:
         fe.start()
@@ -535,7 +535,7 @@ def test_add_mem_reg_when_mem_slots_negotiated():
 
 
 def test_nack_raises():
-    fe = VhostUserFrontend(queue_size=64, name="nack")
+    fe = VhostUserNetFrontend(queue_size=64, name="nack")
     with attached(fe, dict(nack={R.SET_VRING_ADDR: 7})) as fake:
         with pytest.raises(BackendNack) as info:
             fe.start()
@@ -548,24 +548,24 @@ def test_nack_raises():
 def test_hang_up_timeout_and_wrong_reply():
     before = open_fds()
     with pytest.raises(BackendClosed):
-        with attached(VhostUserFrontend(name="hup"), dict(hang_up_on=R.GET_QUEUE_NUM)):
+        with attached(VhostUserNetFrontend(name="hup"), dict(hang_up_on=R.GET_QUEUE_NUM)):
             pass
     with pytest.raises(BackendTimeout):
-        with attached(VhostUserFrontend(name="mute", reply_timeout=0.3),
+        with attached(VhostUserNetFrontend(name="mute", reply_timeout=0.3),
                       dict(silent_on=R.GET_PROTOCOL_FEATURES)):
             pass
     with pytest.raises(FrontendError, match="expected the reply to GET_FEATURES"):
-        with attached(VhostUserFrontend(name="odd"), dict(wrong_reply_on=R.GET_FEATURES)):
+        with attached(VhostUserNetFrontend(name="odd"), dict(wrong_reply_on=R.GET_FEATURES)):
             pass
     assert open_fds() == before
 
 
 def test_queue_pairs_checked():
     with pytest.raises(FrontendError, match="4 queue pairs wanted"):
-        with attached(VhostUserFrontend(pairs=4, name="mq"), dict(queue_num=2)):
+        with attached(VhostUserNetFrontend(pairs=4, name="mq"), dict(queue_num=2)):
             pass
     with pytest.raises(FrontendError, match="need VHOST_USER_PROTOCOL_F_MQ"):
-        with attached(VhostUserFrontend(pairs=2, name="nomq"),
+        with attached(VhostUserNetFrontend(pairs=2, name="nomq"),
                       dict(protocol_features=int(PF.REPLY_ACK))):
             pass
 
@@ -574,7 +574,7 @@ def test_inconsistent_offer_is_trimmed():
     """A bit whose dependency is not offered is not accepted (GUEST_TSO4 without
     GUEST_CSUM); bits not wanted are never accepted."""
     offer = FULL_FEATURES & ~int(N.GUEST_CSUM) | int(N.CTRL_VQ)
-    fe = VhostUserFrontend(name="trim")
+    fe = VhostUserNetFrontend(name="trim")
     with attached(fe, dict(features=offer)):
         assert fe.features & (N.GUEST_TSO4 | N.GUEST_TSO6 | N.GUEST_UFO | N.GUEST_USO4) == 0
         assert not fe.features & N.CTRL_VQ
@@ -595,7 +595,7 @@ BACKEND_PF = (PF.MQ | PF.REPLY_ACK | PF.CONFIG | PF.NET_MTU | PF.RARP
 def test_negotiation_with_pyvirtio_net(sockdir):
     with backend(sockdir, "--loopback", "--queues", "2", "--mac", "02:11:22:33:44:55",
                  "--mtu", "9000") as be:
-        fe = VhostUserFrontend(pairs=2, queue_size=64, name="neg")
+        fe = VhostUserNetFrontend(pairs=2, queue_size=64, name="neg")
         try:
             fe.connect(be.path, timeout=30)
             assert fe.offered_features & F_PROTOCOL_FEATURES     # bit 30, as a mask
@@ -743,7 +743,7 @@ def test_resume_on_a_fresh_backend(sockdir, ring_kind):
     SET_VRING_BASE into a new back-end process: every frame exactly once, in order
     (packed: 3000 chains on a 256-slot ring, so both wrap counters went round)."""
     first, gap, second = 3000, 100, 3000
-    fe = VhostUserFrontend(name="migrate", **ring_kwargs(ring_kind))
+    fe = VhostUserNetFrontend(name="migrate", **ring_kwargs(ring_kind))
     try:
         with backend(sockdir, "--loopback", name="old") as old:
             fe.connect(old.path, timeout=30)
@@ -799,13 +799,13 @@ def test_no_fd_left_behind(sockdir):
 
 @contextmanager
 def two_ports(sockdir: str, *backend_args: str, pairs: int = 1, **kwargs
-              ) -> Iterator[tuple[VhostUserFrontend, VhostUserFrontend, SharedGuestMemory]]:
+              ) -> Iterator[tuple[VhostUserNetFrontend, VhostUserNetFrontend, SharedGuestMemory]]:
     """Two loopback back-ends, two front-ends sharing one memfd."""
     with backend(sockdir, "--loopback", *backend_args, name="a") as be_a, \
             backend(sockdir, "--loopback", *backend_args, name="b") as be_b:
         shm = SharedGuestMemory(256 << 20)
-        a = VhostUserFrontend(memory=shm, pairs=pairs, name="a", **kwargs)
-        b = VhostUserFrontend(memory=shm, pairs=pairs, name="b", **kwargs)
+        a = VhostUserNetFrontend(memory=shm, pairs=pairs, name="a", **kwargs)
+        b = VhostUserNetFrontend(memory=shm, pairs=pairs, name="b", **kwargs)
         try:
             for fe, be in ((a, be_a), (b, be_b)):
                 fe.connect(be.path, timeout=30)
@@ -848,7 +848,7 @@ def spy_on(dq) -> Iterator[AddSpy]:
         del spy.queue
 
 
-def forward_and_check(a: VhostUserFrontend, b: VhostUserFrontend, count: int,
+def forward_and_check(a: VhostUserNetFrontend, b: VhostUserNetFrontend, count: int,
                       lengths: Sequence[int], window: int) -> None:
     """Send ``count`` frames on A, receive them on B, each checked."""
     sent = received = 0
@@ -931,8 +931,8 @@ def test_forwarder_refuses_what_it_cannot_do(sockdir):
             with pytest.raises(ForwarderError, match="share one SharedGuestMemory"):
                 Forwarder(a, b)
         with SharedGuestMemory(64 << 20) as shm:
-            a = VhostUserFrontend(memory=shm, name="a")
-            b = VhostUserFrontend(memory=shm, name="b",
+            a = VhostUserNetFrontend(memory=shm, name="a")
+            b = VhostUserNetFrontend(memory=shm, name="b",
                                   features=int(DEFAULT_FEATURES & ~N.HOST_TSO4))
             try:
                 for fe, be in ((a, be_a), (b, be_b)):
@@ -956,8 +956,8 @@ def test_forwarder_both_ways_between_taps(sockdir):
             backend(sockdir, "--tap", ta, "--netns", ns.name, name="a") as be_a, \
             backend(sockdir, "--tap", tb, "--netns", ns.name, name="b") as be_b, \
             SharedGuestMemory(256 << 20) as shm:
-        a = VhostUserFrontend(memory=shm, name="a")
-        b = VhostUserFrontend(memory=shm, name="b")
+        a = VhostUserNetFrontend(memory=shm, name="a")
+        b = VhostUserNetFrontend(memory=shm, name="b")
         try:
             for fe, be in ((a, be_a), (b, be_b)):
                 fe.connect(be.path, timeout=30)
@@ -998,8 +998,8 @@ def test_forwarder_tcp_gso_frames_cross_whole(sockdir):
             backend(sockdir, "--tap", ta, "--netns", ns_a.name, name="a") as be_a, \
             backend(sockdir, "--tap", tb, "--netns", ns_b.name, name="b") as be_b, \
             SharedGuestMemory(256 << 20) as shm:
-        a = VhostUserFrontend(memory=shm, name="a")
-        b = VhostUserFrontend(memory=shm, name="b")
+        a = VhostUserNetFrontend(memory=shm, name="a")
+        b = VhostUserNetFrontend(memory=shm, name="b")
         try:
             for fe, be in ((a, be_a), (b, be_b)):
                 fe.connect(be.path, timeout=30)

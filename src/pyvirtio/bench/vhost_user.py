@@ -4,7 +4,7 @@ back-ends over Unix sockets, as issue 4 measures it.
 Three parts, each against a baseline measured in the same run (A B A B ...):
 
 * **ring rate** (no root needed): the front-end
-  (:class:`~pyvirtio.vhost_user.frontend.VhostUserFrontend`) replays 64 B frames into
+  (:class:`~pyvirtio.net.frontend.VhostUserNetFrontend`) replays 64 B frames into
   ``pyvirtio net --sink --poll`` (a busy-polling worker that counts and drops every
   frame): the pure cross-process ring rate, in Mpps, counted as the TX chains the
   back-end used. Baseline: the same into ``pyvirtio net --sink`` without ``--poll``
@@ -16,7 +16,7 @@ Three parts, each against a baseline measured in the same run (A B A B ...):
   Baseline: a plain C ``writev`` loop (:func:`vqcore.netbench.writev_loop`) on queue
   fds of the same TAP, one thread per pair: the kernel's own TAP ceiling.
 * **PVP over TAP**: iperf3 client in namespace A -> TAP A -> back-end A -> our
-  forwarding front-end (:class:`~pyvirtio.vhost_user.forwarder.Forwarder`, both ways,
+  forwarding front-end (:class:`~pyvirtio.net.forwarder.Forwarder`, both ways,
   no copy) -> back-end B -> TAP B -> iperf3 server in namespace B, one L2 segment,
   offloads negotiated end to end so that GSO frames cross whole. TCP Gbit/s with 1 and
   2 queue pairs (1 and 4 streams) and 64 B UDP (received) pps. Baseline: the same
@@ -282,9 +282,9 @@ def link_counters(ns: str, ifname: str) -> dict[str, int]:
 def frontend(path: str, pairs: int, *, queue_size: int = QUEUE_SIZE,
              tx_buffer: int = SMALL_SLOT, name: str = "bench", **kwargs: Any
              ) -> Iterator[Any]:
-    """A started :class:`VhostUserFrontend` on the back-end at ``path`` (closed after)."""
-    from pyvirtio.vhost_user.frontend import VhostUserFrontend
-    fe = VhostUserFrontend(pairs=pairs, queue_size=queue_size, tx_buffer=tx_buffer,
+    """A started :class:`VhostUserNetFrontend` on the back-end at ``path`` (closed after)."""
+    from pyvirtio.net.frontend import VhostUserNetFrontend
+    fe = VhostUserNetFrontend(pairs=pairs, queue_size=queue_size, tx_buffer=tx_buffer,
                            name=name, **kwargs)
     try:
         fe.connect(path, timeout=30)
@@ -548,8 +548,8 @@ class _Pvp:
         """Both ports connected (one shared memfd) and a both-ways forwarder on
         ``pairs`` pairs; the forwarder is yielded. ``rx_buffer``: RX buffer size
         (default: the front-end's choice, 1536 bytes with MRG_RXBUF)."""
-        from pyvirtio.vhost_user.forwarder import Forwarder
-        from pyvirtio.vhost_user.frontend import driver_area_size
+        from pyvirtio.net.forwarder import Forwarder
+        from pyvirtio.net.frontend import driver_area_size
         from pyvirtio.vhost_user.memfd import SharedGuestMemory
         need = driver_area_size(pairs, queue_size, rx_buffer or 1536, SMALL_SLOT)
         shm = SharedGuestMemory(2 * need + (16 << 20), name="pyvirtio-pvp")

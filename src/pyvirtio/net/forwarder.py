@@ -35,7 +35,7 @@ from vqcore.errors import VirtioError
 from pyvirtio.features import NetFeature
 from pyvirtio.net.driver import DriverQueue
 from pyvirtio.net.header import HDR_LEN
-from pyvirtio.vhost_user.frontend import VhostUserFrontend
+from pyvirtio.net.frontend import VhostUserNetFrontend
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class PathStats:
 class ForwardPath:
     """One direction: ``src``'s receiveq ``pair`` → ``dst``'s transmitq ``pair``."""
 
-    def __init__(self, src: VhostUserFrontend, dst: VhostUserFrontend, pair: int,
+    def __init__(self, src: VhostUserNetFrontend, dst: VhostUserNetFrontend, pair: int,
                  name: str = "") -> None:
         if src.driver is None or dst.driver is None:
             raise ForwarderError("both ports must be started")
@@ -274,7 +274,7 @@ class Forwarder:
     thread per pair, :meth:`step` does one round by hand. ``poll``: never sleep.
     """
 
-    def __init__(self, port_a: VhostUserFrontend, port_b: VhostUserFrontend, *,
+    def __init__(self, port_a: VhostUserNetFrontend, port_b: VhostUserNetFrontend, *,
                  both_ways: bool = False, pairs: int | None = None, poll: bool = False,
                  check_offloads: bool = True) -> None:
         if port_a.memory is None or port_a.memory is not port_b.memory:
@@ -306,7 +306,7 @@ class Forwarder:
         self.errors: list[BaseException] = []
 
     @staticmethod
-    def _check_offloads(src: VhostUserFrontend, dst: VhostUserFrontend) -> None:
+    def _check_offloads(src: VhostUserNetFrontend, dst: VhostUserNetFrontend) -> None:
         missing = [f"{g.name}->{h.name}" for g, h in _OFFLOAD_PAIRS
                    if src.features & g and not dst.features & h]
         if missing:
