@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import pytest
 
-from vhost_user_peer import NET_OFFERED
+from vhost_user_peer import DEVICE_KINDS, NET_OFFERED
 from pyvirtio.vhost_user.messages import (HEADER, MAX_BODY, VERSION, VRING_NOFD_MASK,
                                           ConfigSpace, MemRegion, MemTable, Request,
                                           SingleMemRegion, U64, VringAddr, VringState)
@@ -37,8 +37,17 @@ def ram():
     r.close()
 
 
+@pytest.fixture(params=DEVICE_KINDS)
+def backend(request, tmp_path):
+    """The generic handler over each device kind (net over a sink, the dummy, ...)."""
+    with serving(tmp_path, "sink" if request.param == "net" else request.param,
+                 message_timeout=0.5) as s:
+        yield s
+
+
 @pytest.fixture
-def backend(tmp_path):
+def net(tmp_path):
+    """A net back-end over a sink (for the tests that need net traffic)."""
     with serving(tmp_path, "sink", message_timeout=0.5) as s:
         yield s
 
@@ -50,7 +59,7 @@ def _warnings(caplog) -> list[logging.LogRecord]:
 
 def _still_serving(s) -> None:
     with s.connect() as p:
-        assert p.get_features() == NET_OFFERED
+        assert p.get_features() == s.offered
 
 
 def _pipe_fd() -> tuple[int, int]:
@@ -91,7 +100,7 @@ def _refused(s, caplog, p: Peer, request: Request, reply_ack: bool,
         reply = p.recv()
         assert reply.is_reply and reply.request == request
         assert U64.unpack(reply.body).value != 0
-        assert p.get_features() == NET_OFFERED     # goes on
+        assert p.get_features() == s.offered     # goes on
         if kept is not None:
             assert kept()
     else:
@@ -151,7 +160,7 @@ def test_body_longer_than_size(backend, caplog, reply_ack):
     p = _open(backend, reply_ack)
     p.send_raw(HEADER.pack(Request.GET_FEATURES, VERSION, 0) + b"\x01\x02\x03\x04\x05")
     reply = p.recv()
-    assert U64.unpack(reply.body).value == NET_OFFERED
+    assert U64.unpack(reply.body).value == backend.offered
     _closed(backend, caplog, p)             # the 5 stray bytes never make a header
 
 
@@ -273,9 +282,10 @@ def test_queue_index_out_of_range(backend, caplog, ram, request_, reply_ack):
     fds: list[int] = []
     read = None
     if request_ in (Request.SET_VRING_NUM, Request.SET_VRING_BASE, Request.SET_VRING_ENABLE):
-        body = VringState(2, 1).pack()      # one pair: rings 0 and 1
+        body = VringState(backend.num_queues, 1).pack()     # one past the last ring
     elif request_ is Request.SET_VRING_ADDR:
-        body = VringAddr(7, 0, ram.uva, ram.uva + 8192, ram.uva + 4096, 0).pack()
+        body = VringAddr(backend.num_queues + 5, 0, ram.uva, ram.uva + 8192, ram.uva + 4096,
+                         0).pack()
     else:
         read, write = _pipe_fd()
         body, fds = U64(200).pack(), [write]
@@ -327,9 +337,9 @@ def test_rings_before_the_memory_table(backend, caplog, ram, request_, reply_ack
              kept=lambda: not backend.handler.rings[0].started)
 
 
-def test_bad_messages_leave_a_running_device_running(backend, caplog, ram):
+def test_bad_messages_leave_a_running_device_running(net, caplog, ram):
     """NACKed messages in the middle of traffic do not disturb the rings."""
-    with backend.connect() as p:
+    with net.connect() as p:
         g = start_net(p, ram)
         for body, request in ((VringState(0, 100).pack(), Request.SET_VRING_NUM),
                               (VringState(0, 3).pack(), Request.SET_VRING_BASE),
@@ -449,7 +459,7 @@ def test_packed_set_vring_base_values_accepted(backend, ram, caplog):
             os.close(efd)
         assert "not below the ring size 256" in caplog.text
         assert not backend.handler.rings[1].started
-        assert p.get_features() == NET_OFFERED
+        assert p.get_features() == backend.offered
     finally:
         p.close()
 
@@ -475,7 +485,7 @@ def test_base_before_features_is_checked_when_the_ring_starts(backend, ram, pack
         assert backend.handler.rings[0].started == packed
         if packed:
             assert backend.handler.rings[0].queue.next_avail == 0x8000
-        assert p.get_features() == NET_OFFERED
+        assert p.get_features() == backend.offered
     finally:
         p.close()
 
@@ -508,17 +518,17 @@ def test_packed_ring_size_and_layout_checks(backend, caplog, ram):
     _refused(backend, caplog, p, Request.SET_VRING_NUM, True)
 
 
-def test_ring_layout_cannot_change_while_running(backend, caplog, tmp_path):
+def test_ring_layout_cannot_change_while_running(net, caplog, tmp_path):
     """SET_FEATURES that turns VIRTIO_F_RING_PACKED on or off while a ring runs is
     refused (the ring would be read with the wrong layout); the rings go on."""
     ram = GuestRam(8 << 20, name="vu-hostile-layout")
     try:
-        with backend.connect() as p:
+        with net.connect() as p:
             g = start_net(p, ram, packed=True)
-            assert all(r.started for r in backend.handler.rings)
+            assert all(r.started for r in net.handler.rings)
             p.send(Request.SET_FEATURES, U64(ring_features(g.features, False)).pack(),
                    need_reply=True)
-            _refused(backend, caplog, p, Request.SET_FEATURES, True)
+            _refused(net, caplog, p, Request.SET_FEATURES, True)
             g.close()
     finally:
         ram.close()

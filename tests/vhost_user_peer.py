@@ -40,6 +40,7 @@ from pyvirtio.backends.sink import Sink
 from pyvirtio.net.driver import NetDriver
 from pyvirtio.status import DeviceStatus
 from pyvirtio.net.vhost_user import VHOST_USER_NET_FEATURES, VhostUserNetDevice
+from pyvirtio.vhost_user.device import VhostUserDevice
 from pyvirtio.vhost_user.handler import VhostUserHandler
 from pyvirtio.vhost_user.connection import Connection
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, HEADER,
@@ -407,6 +408,37 @@ def start_net(peer: Peer, ram: GuestRam, *, pairs: int = 1, queue_size: int = 25
     return guest
 
 
+def split_ring(ram: GuestRam, index: int, size: int = 256) -> vqcore.SplitAddresses:
+    """Where ring ``index`` of ``size`` lives in ``ram`` (one 64 KiB slot a ring)."""
+    return vqcore.split_addresses(ram.gpa + (index + 1) * 0x10000, size)
+
+
+def start_rings(peer: Peer, ram: GuestRam, size: int = 256) -> list[int]:
+    """Any device: SET_MEM_TABLE, then every ring (as many as GET_QUEUE_NUM's answer
+    allows, at most 2: a net back-end answers queue pairs) set up as a split ring in
+    ``ram`` (:func:`split_ring`) with a call eventfd and a kick eventfd, enabled.
+    Returns the kick eventfds (the caller's to close)."""
+    offered = peer.get_features()
+    peer.negotiate_protocol()
+    peer.set_features(ring_features(offered, False))
+    peer.set_mem_table([ram])
+    rings = min(2, peer.get_u64(Request.GET_QUEUE_NUM) * 2)
+    kicks = []
+    for index in range(rings):
+        ring = split_ring(ram, index, size)
+        peer.vring_num(index, size, check=False)
+        if peer.vring_addr(index, ram.uva_of(ring.desc), ram.uva_of(ring.avail),
+                           ram.uva_of(ring.used), check=False):
+            continue                                     # no such ring
+        call, kick = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+        peer.vring_fd(Request.SET_VRING_CALL, index, call)
+        os.close(call)
+        peer.vring_fd(Request.SET_VRING_KICK, index, kick)
+        peer.vring_enable(index, True)
+        kicks.append(kick)
+    return kicks
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
     """Poll ``predicate`` until it holds; AssertionError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -438,11 +470,31 @@ def frame(i: int, size: int = 64, src: bytes = b"\x02\x00\x00\x00\x00\x01") -> b
 # ---------------------------------------------------------------------------------------
 # a back-end in a thread
 
+#: the devices the generic tests run against (the handler with each)
+DEVICE_KINDS = ("net", "dummy")
+
+
+def make_device(kind: str | object, queues: int = 1, **kwargs) -> tuple[VhostUserDevice, object]:
+    """(device, what else to close) for ``kind``: "sink" (or "net") and "loopback" (a
+    net device over that packet end), a packet backend object (net over it), "dummy"
+    (:class:`vhost_user_dummy.DummyDevice`, 2 rings unless ``queues`` says)."""
+    if kind == "dummy":
+        from vhost_user_dummy import DummyDevice
+        return DummyDevice(max(queues, 2) if queues == 1 else queues), None
+    if kind in ("sink", "net"):
+        packet: object = Sink(queues)
+    elif kind == "loopback":
+        packet = Loopback(queues)
+    else:
+        packet = kind
+    return VhostUserNetDevice(packet, queues=queues, **kwargs), packet
+
+
 @dataclass
 class Serving:
     """A port served in a thread: its device, the server and the current handler."""
     path: str
-    device: VhostUserNetDevice
+    device: VhostUserDevice
     server: VhostUserServer
     packet: object
 
@@ -457,6 +509,15 @@ class Serving:
         assert h is not None, "no front-end connected"
         return h
 
+    @property
+    def offered(self) -> int:
+        """What GET_FEATURES answers."""
+        return int(self.device.features()) | F_PROTOCOL_FEATURES
+
+    @property
+    def num_queues(self) -> int:
+        return self.device.num_queues
+
     def connect(self, timeout: float = 5.0) -> Peer:
         return Peer(self.path, timeout)
 
@@ -464,14 +525,10 @@ class Serving:
 @contextmanager
 def serving(tmp_path, packet: str | object = "sink", *, queues: int = 1,
             message_timeout: float = 1.0, **kwargs) -> Iterator[Serving]:
-    """A :class:`VhostUserNetDevice` over ``packet`` ("sink", "loopback" or an object)
-    with its server in a thread on ``tmp_path/vhost.sock``."""
-    if packet == "sink":
-        packet = Sink(queues)
-    elif packet == "loopback":
-        packet = Loopback(queues)
+    """A device (:func:`make_device`: ``packet`` is "sink", "loopback", a packet
+    backend, or "dummy") with its server in a thread on ``tmp_path/vhost.sock``."""
+    device, packet = make_device(packet, queues, **kwargs)
     path = str(tmp_path / "vhost.sock")
-    device = VhostUserNetDevice(packet, queues=queues, **kwargs)
     server = VhostUserServer(device, socket_path=path, message_timeout=message_timeout)
     thread = threading.Thread(target=server.serve_forever, name="vhost-server", daemon=True)
     thread.start()
@@ -483,12 +540,37 @@ def serving(tmp_path, packet: str | object = "sink", *, queues: int = 1,
         assert not thread.is_alive(), "the server did not stop"
         server.close()
         device.close()
-        if hasattr(packet, "close") and isinstance(packet, (Sink, Loopback)):
+        if isinstance(packet, (Sink, Loopback)):
             packet.close()
 
 
 # ---------------------------------------------------------------------------------------
 # a back-end process
+
+def _listening(path: str) -> bool:
+    """Whether a server accepts connections on ``path`` (the file appears at bind(),
+    a moment before listen())."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def thread_states(pid: int) -> list[str]:
+    """What each thread of ``pid`` waits in (its kernel wchan), for a failure message."""
+    out = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                out.append(f"{tid}:{f.read() or 'running'}")
+        except OSError:
+            pass
+    return out
+
 
 def process_counts(pid: int) -> tuple[int, int, int]:
     """(open fds, file mappings, threads) of process ``pid``. The mappings counted are
@@ -511,11 +593,17 @@ class BackendProcess:
     mapping and thread counts equal :attr:`baseline` (taken after a warm-up), and the
     log got no traceback and the expected number of warnings."""
 
-    def __init__(self, tmp_path, *args: str, answer_within: float = 0.100) -> None:
-        self.path = str(tmp_path / "net.sock")
-        self.log_path = tmp_path / "backend.log"
-        self.args = [sys.executable, "-m", "pyvirtio", "net", "--socket-path", self.path,
-                     "--message-timeout", "2", *args]
+    def __init__(self, tmp_path, *args: str, kind: str = "net",
+                 answer_within: float = 0.100) -> None:
+        self.kind = kind
+        self.path = str(tmp_path / f"{kind}.sock")
+        self.log_path = tmp_path / f"{kind}.log"
+        common = ["--socket-path", self.path, "--message-timeout", "2", *args]
+        if kind == "dummy":
+            here = os.path.dirname(os.path.abspath(__file__))
+            self.args = [sys.executable, os.path.join(here, "vhost_user_dummy.py"), *common]
+        else:
+            self.args = [sys.executable, "-m", "pyvirtio", kind, *common]
         self.answer_within = answer_within
         self.proc: subprocess.Popen | None = None
         self.baseline: tuple[int, int, int] | None = None
@@ -525,7 +613,7 @@ class BackendProcess:
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(self.args, stdout=logf, stderr=logf)
         try:
-            wait_for(lambda: os.path.exists(self.path) or self.proc.poll() is not None,
+            wait_for(lambda: _listening(self.path) or self.proc.poll() is not None,
                      STARTUP, "the socket")
             assert self.proc.poll() is None, self.log_text()
             for _ in range(3):                # warm up: imports, first connection
@@ -548,19 +636,33 @@ class BackendProcess:
                 self.proc.wait(30)
 
     def warm_up(self) -> None:
-        """Sessions that start every queue pair's worker and move frames: the C
-        library caches what threads leave behind (their stacks, malloc arenas), so
-        the first ones add mappings that stay."""
+        """Sessions that start a worker on every ring and kick them: the C library
+        caches what threads leave behind (their stacks, malloc arenas), so the first
+        ones add mappings that stay."""
         ram = GuestRam(4 << 20, name="vu-warm-up")
         try:
             for _ in range(2):
                 with Peer(self.path) as p:
-                    g = start_net(p, ram)
-                    g.driver.send(0, [bytes(60)] * 4)
-                    g.driver.wait_tx_done(0)
-                    g.close()
+                    kicks = start_rings(p, ram)
+                    for k in kicks:
+                        os.eventfd_write(k, 1)
+                    p.get_features()
+                    for k in kicks:
+                        os.close(k)
         finally:
             ram.close()
+
+    @property
+    def offered(self) -> int:
+        """What GET_FEATURES answers (the answer of the first connection)."""
+        return self._offered
+
+    def answer_time(self) -> float:
+        """Seconds from connect() to the answer of GET_FEATURES."""
+        t0 = time.monotonic()
+        with Peer(self.path) as p:
+            self._offered = p.get_features()
+            return time.monotonic() - t0
 
     @property
     def pid(self) -> int:
@@ -582,33 +684,37 @@ class BackendProcess:
         finally:
             p.close()
 
-    def answer_time(self) -> float:
-        """Seconds from connect() to the answer of GET_FEATURES."""
-        t0 = time.monotonic()
-        with Peer(self.path) as p:
-            p.get_features()
-            return time.monotonic() - t0
-
-    def _probe(self) -> tuple[float, tuple[int, int, int]]:
+    def _probe(self, expect: tuple[int, int, int] | None = None
+               ) -> tuple[float, tuple[int, int, int]]:
         """The answer time of a fresh connection, and the counts while it is open and
-        idle (the server serves one connection at a time: every earlier one is over)."""
+        idle (the server serves one connection at a time: every earlier one is over).
+        Counts other than ``expect`` are read again for up to 0.1 s: a worker that was
+        joined may still be leaving the kernel (Python threads are detached, join()
+        returns before the OS thread is gone)."""
         t0 = time.monotonic()
         with Peer(self.path) as p:
             p.get_features()
             elapsed = time.monotonic() - t0
-            return elapsed, process_counts(self.pid)
+            counts = process_counts(self.pid)
+            for _ in range(20):
+                if expect is None or counts == expect:
+                    break
+                time.sleep(0.005)
+                counts = process_counts(self.pid)
+            return elapsed, counts
 
     def check_clean(self, warnings: int | None = 0, where: str = "") -> float:
         """Assert the state after a session (see the class); returns the answer time.
         ``warnings``: WARNING/ERROR lines the session must have logged (None: any)."""
-        elapsed, counts = self._probe()
+        elapsed, counts = self._probe(self.baseline)
         text = self.log_text()
         new, self._log_seen = text[self._log_seen:], len(text)
         at = f" ({where})" if where else ""
         assert self.proc is not None and self.proc.poll() is None, f"back-end exited{at}:\n{new}"
         assert "Traceback" not in new, f"traceback{at}:\n{new}"
         assert counts == self.baseline, (f"(fds, maps, threads) {counts}, before "
-                                         f"{self.baseline}{at}\n{new[-3000:]}")
+                                         f"{self.baseline}{at}; threads "
+                                         f"{thread_states(self.pid)}\n{new[-3000:]}")
         assert elapsed < self.answer_within, (f"a fresh connection waited "
                                               f"{elapsed * 1e3:.0f} ms{at}")
         if warnings is not None:

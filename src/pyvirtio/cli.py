@@ -118,6 +118,8 @@ def _add_socket_args(p: argparse.ArgumentParser) -> None:
                    help="print the back-end capabilities as JSON and exit")
     p.add_argument("--message-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="time a front-end may take to finish a message (default 5)")
+    p.add_argument("--control", metavar="PATH",
+                   help="answer 'pyvirtio ctl PATH show|stats' on this Unix socket")
 
 
 def _check_socket(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -140,6 +142,11 @@ def _check_socket(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"--socket-group: no group {args.socket_group!r}")
     if args.message_timeout <= 0:
         parser.error("--message-timeout must be positive")
+    if args.control is not None:
+        try:
+            check_socket_path(args.control)
+        except ServerError as exc:
+            parser.error(f"--control: {exc}")
     try:
         if args.socket_path is not None:
             check_socket_path(args.socket_path)
@@ -234,6 +241,9 @@ def _serve(args: argparse.Namespace, open_device: Callable[[ExitStack], Any]) ->
                                      socket_mode=args.socket_mode,
                                      socket_group=args.socket_group)
             stack.callback(server.close)
+            if args.control is not None:
+                from pyvirtio.control import ControlServer
+                stack.enter_context(ControlServer(args.control, server.control_commands()))
             if stopping.is_set():           # a signal before the server was there
                 server.shutdown()
             server.serve_forever()
@@ -262,6 +272,37 @@ def _net(args: argparse.Namespace) -> int:
                                   poll=args.poll, packed=not args.no_packed,
                                   tx_coalesce_us=args.tx_coalesce_us)
     return _serve(args, open_device)
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[str]:
+    """``key.sub=value`` lines of a JSON value (for ``pyvirtio ctl`` without --json)."""
+    if isinstance(obj, dict):
+        out: list[str] = []
+        for k, v in obj.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        out = []
+        for i, v in enumerate(obj):
+            out += _flatten(v, f"{prefix}[{i}]")
+        return out
+    return [f"{prefix}={json.dumps(obj)}" if prefix else json.dumps(obj)]
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from pyvirtio.control import ControlError, request
+
+    extra = {"port": args.port} if args.port is not None else {}
+    try:
+        result = request(args.path, args.command, timeout=args.timeout, **extra)
+    except ControlError as exc:
+        log.error("%s", exc)
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        sys.stdout.write("\n".join(_flatten(result)) + "\n")
+    return 0
 
 
 #: ``pyvirtio bench``'s levels in suite order (pyvirtio.bench.suite.LEVELS, named here so
@@ -319,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not offer VIRTIO_F_RING_PACKED (packed rings are offered by "
                         "default; the guest still chooses)")
     n.set_defaults(func=_net, check=_check_net, parser=n)
+
+    c = sub.add_parser("ctl", help="ask a running back-end (started with --control PATH)",
+                       description="Send a command to a back-end's control socket and print "
+                                   "the answer: show (ports, connections, negotiated "
+                                   "features), stats (counters), help.")
+    c.add_argument("path", metavar="PATH", help="the back-end's --control socket")
+    c.add_argument("command", metavar="COMMAND", help="show, stats or help")
+    c.add_argument("--port", metavar="NAME", help="only this port")
+    c.add_argument("--json", action="store_true", help="print the answer as JSON")
+    c.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long to wait for the answer (default 5)")
+    c.set_defaults(func=_ctl)
     return p
 
 

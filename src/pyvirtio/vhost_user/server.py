@@ -32,8 +32,9 @@ import socket
 import stat
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
+from pyvirtio.control import CommandError
 from pyvirtio.vhost_user.connection import Connection, PeerClosed, close_fds
 from pyvirtio.vhost_user.device import VhostUserDevice
 from pyvirtio.vhost_user.handler import VhostUserHandler
@@ -134,6 +135,8 @@ class Port:
         self._backoff = BACKOFF_MIN
         self._waiting_logged = False
         self.closed = False
+        #: the last connection's negotiated features and counters, as it ended
+        self.last: dict[str, Any] | None = None
         if fd is not None:
             check_socket_fd(fd)
             sock = socket.socket(fileno=fd)
@@ -242,6 +245,8 @@ class Port:
         self.handler = self.conn = None
         log.info("%s: %s", self.name, why)
         try:
+            if handler is not None:
+                self.last = self._session(handler)
             self.device.log_stats("connection ended")
         except Exception:  # noqa: BLE001 - the teardown below must run
             log.exception("%s: cannot log the counters", self.name)
@@ -277,6 +282,24 @@ class Port:
                     close_fds(rest.fds)
                 self._end("connection closed")
                 return
+
+    def _session(self, handler: VhostUserHandler) -> dict[str, Any]:
+        return {"features": handler.acked_features,
+                "protocol_features": handler.protocol_features,
+                "rings_started": [r.index for r in handler.rings if r.started],
+                "needs_reset": handler.needs_reset_reason,
+                "stats": self.device.stats()}
+
+    def info(self) -> dict[str, Any]:
+        """The port as data (the control socket's ``show`` and ``stats``): where, mode,
+        connections, the current connection's state and counters, and the last
+        connection's as it ended."""
+        h = self.handler
+        return {"name": self.name, "type": self.device.device_type,
+                "socket": self.socket_path, "mode": "client" if self.client else "server",
+                "connected": h is not None, "connections": self.connections,
+                "current": self._session(h) if h is not None else None,
+                "last": self.last}
 
     def close(self) -> None:
         """End the connection, stop listening, remove the socket file this port bound.
@@ -499,6 +522,24 @@ class VhostUserServer:
                 except (KeyError, ValueError):
                     pass
         self._watch(sel, port)
+
+    def control_commands(self) -> dict[str, Callable[[Mapping[str, Any]], Any]]:
+        """Commands for a :class:`pyvirtio.control.ControlServer`: ``show`` (every
+        port as :meth:`Port.info` gives it) and ``stats`` (the devices' counters; arg
+        ``port``: one port by name)."""
+        def ports(args: Mapping[str, Any]) -> list[Port]:
+            name = args.get("port")
+            chosen = [p for p in list(self.ports) if name is None or p.name == name]
+            if name is not None and not chosen:
+                raise CommandError(f"no port {name!r}")
+            return chosen
+
+        def show(args: Mapping[str, Any]) -> list[dict[str, Any]]:
+            return [p.info() for p in ports(args)]
+
+        def stats(args: Mapping[str, Any]) -> dict[str, Any]:
+            return {p.name: p.device.stats() for p in ports(args)}
+        return {"show": show, "stats": stats}
 
     def shutdown(self) -> None:
         """Make :meth:`serve_forever` return (signal handlers, other threads)."""
