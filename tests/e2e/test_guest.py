@@ -29,8 +29,8 @@ from pyvirtio.vhost_user.messages import F_PROTOCOL_FEATURES
 
 from pyvirtio.guest.harness import (BACKENDS, GUEST_IP, GUEST_MAC, HOST_IP, Qemu, VmConfig,
                                     end_process, ethtool_stats, guest_feature_bits,
-                                    iperf3_client, negotiated_features, pair_stats,
-                                    parse_snmp, ring_stop_indices, tcp_sockets)
+                                    iperf3_client, parse_snmp, ring_stop_indices,
+                                    tcp_sockets)
 from pyvirtio.guest.image import (GuestImageError, kernel_cmdline, module_depends,
                                   module_load_order)
 
@@ -218,9 +218,7 @@ def test_negotiated_features(testbed):
     sysfs = agent.run("cat /sys/class/net/eth0/device/features").text.strip()
     assert sysfs == qemu.features            # the same at VQ-READY and now
     guest = guest_feature_bits(sysfs)
-    text = wait_backend_log(testbed, r": features ")
-    backend = negotiated_features(text)
-    assert backend is not None
+    backend = testbed.backend.session()["features"]      # (the control socket)
     offered = vhost_user_offered()
 
     data_plane = int(N.CSUM | N.GUEST_CSUM | N.GUEST_TSO4 | N.GUEST_TSO6 | N.GUEST_ECN
@@ -275,8 +273,7 @@ def test_two_queue_pairs(testbed, backend, packed):
     qemu.stop()                 # QEMU stops the rings (GET_VRING_BASE) as it exits
     text = wait_backend_log(testbed, r"ring \d+ stopped at index", count=4)
     assert sorted(ring_stop_indices(text)) == [0, 1, 2, 3]
-    text = wait_backend_log(testbed, r"pair 1 stats \(connection ended\)")
-    stats = pair_stats(text)
+    stats = testbed.backend.pair_stats("last")
     assert sorted(stats) == [0, 1], stats
     for p in (0, 1):
         for d in ("rx", "tx"):
@@ -290,8 +287,7 @@ def test_packed_ring_negotiated_end_to_end(testbed):
     counters), and the backend's counters saw the traffic."""
     assert vhost_user_offered() & int(T.RING_PACKED)
     qemu, agent = boot_with_agent(testbed, VmConfig(backend="vhost-user", packed=True))
-    text = wait_backend_log(testbed, r": features ")
-    assert negotiated_features(text) & int(T.RING_PACKED)
+    assert testbed.backend.session()["features"] & int(T.RING_PACKED)
     ping_both_ways(testbed, agent, count=2)
     data = os.urandom(2 * MiB)
     r = agent.run("sha256sum", stdin=data)
@@ -301,7 +297,7 @@ def test_packed_ring_negotiated_end_to_end(testbed):
     stops = re.findall(r"ring (\d) stopped at index \d+ \(0x[0-9a-f]+: avail slot (\d+) "
                        r"wrap ([01]), used slot (\d+) wrap ([01])\)", text)
     assert {int(s[0]) for s in stops} == {0, 1}, text[-3000:]
-    stats = pair_stats(text)[0]
+    stats = testbed.backend.pair_stats("last")[0]
     assert stats["rx"]["packets"] >= 10 and stats["tx"]["packets"] >= 10, stats
 
 
@@ -411,19 +407,8 @@ def test_kernel_cmdline_and_feature_parsers():
     with pytest.raises(ValueError, match="too long"):
         kernel_cmdline(command="x" * 2000)
     assert guest_feature_bits("1100" + "0" * 28 + "1") == 0b11 | 1 << 32
-    log_text = ("x: features VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MRG_RXBUF\n"
-                "x: protocol features MQ, REPLY_ACK\n"
-                "x: features VIRTIO_NET_F_CSUM, VIRTIO_F_VERSION_1\n"
-                "x: ring 0 stopped at index 5\nx: ring 0 stopped at index 9\n")
-    assert negotiated_features(log_text) == 1 | 1 << 32
+    log_text = "x: ring 0 stopped at index 5\nx: ring 0 stopped at index 9\n"
     assert ring_stop_indices(log_text) == {0: 9}
-    stats = ("x: pair 0 stats (SIGUSR1): rx packets=1 bytes=60; tx packets=2 bytes=120\n"
-             "x: pair 1 stats: rx packets=0 bytes=0; tx packets=0 bytes=0\n"
-             "x: pair 0 stats (connection ended): rx packets=3 bytes=180; tx packets=4 "
-             "bytes=240\n")
-    assert pair_stats(stats) == {
-        0: {"rx": {"packets": 3, "bytes": 180}, "tx": {"packets": 4, "bytes": 240}},
-        1: {"rx": {"packets": 0, "bytes": 0}, "tx": {"packets": 0, "bytes": 0}}}
     snmp = ("Ip: Forwarding DefaultTTL ReasmReqds\nIp: 2 64 7\n"
             "Icmp: InMsgs\nIcmp: 3\n")
     assert parse_snmp(snmp) == {"Forwarding": 2, "DefaultTTL": 64, "ReasmReqds": 7}

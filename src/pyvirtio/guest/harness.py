@@ -47,7 +47,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pyvirtio import netns as _netns
 
@@ -58,8 +58,8 @@ __all__ = [
     "HarnessError", "GuestTimeout", "GuestFailed", "BackendFailed", "AgentError",
     "qemu_binary", "qemu_version", "tool_version", "accelerator", "backend_python",
     "VmConfig", "Qemu", "Backend", "Agent", "AgentResult", "HostResult", "Testbed", "testbed",
-    "parse_features", "guest_feature_bits", "parse_snmp", "ring_stop_indices",
-    "negotiated_features", "pair_stats", "ethtool_stats", "end_process", "tcp_sockets",
+    "guest_feature_bits", "parse_snmp", "ring_stop_indices",
+    "ethtool_stats", "end_process", "tcp_sockets",
     "iperf3_json", "iperf3_client", "IPERF3_NOT_READY", "wait_while_running",
 ]
 
@@ -436,8 +436,11 @@ class Backend(_Child):
         self.netns = netns
         self.socket_path = socket_path
         self.log_path = log_path
+        #: the back-end's control socket (``pyvirtio ctl``): its state as data
+        self.control_path = socket_path.with_name(socket_path.name + ".ctl")
         self.argv = [backend_python(), "-m", "pyvirtio", "net", "--socket-path",
-                     str(socket_path), "--tap", tap, "--queues", str(queues), *extra]
+                     str(socket_path), "--tap", tap, "--queues", str(queues),
+                     "--control", str(self.control_path), *extra]
 
     def start(self, timeout: float = BACKEND_START_TIMEOUT) -> None:
         """Start the backend and wait until it listens on its socket."""
@@ -484,6 +487,33 @@ class Backend(_Child):
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def show(self) -> dict[str, Any]:
+        """The port as the control socket's ``show`` gives it (connected, connections,
+        the current and the last connection's features and counters)."""
+        from pyvirtio.control import request
+        return request(str(self.control_path), "show")[0]
+
+    def session(self, which: str = "current", timeout: float = 15.0) -> dict[str, Any]:
+        """The current connection's state, or (``which="last"``) the one that ended
+        last, once there is one (bounded wait: the front-end may not be connected, or
+        not gone, yet)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.show()
+            ready = state[which] is not None and (which == "current"
+                                                  or not state["connected"])
+            if ready:
+                return state[which]
+            if time.monotonic() > deadline:
+                raise HarnessError(f"pyvirtio net: no {which} connection within "
+                                   f"{timeout:.0f} s: {state}")
+            time.sleep(0.1)
+
+    def pair_stats(self, which: str = "current") -> dict[int, dict[str, dict[str, int]]]:
+        """pair -> {"rx": counters, "tx": counters} of the current (or last)
+        connection, from the control socket."""
+        return dict(enumerate(self.session(which)["stats"]["pairs"]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -614,20 +644,6 @@ def guest_feature_bits(sysfs: str) -> int:
     return value
 
 
-def parse_features(names: str) -> int:
-    """The value of a ``pyvirtio.features.describe()`` list of spec names."""
-    from pyvirtio.features import NetFeature, Transport, spec_name
-    table = {spec_name(m): int(m) for cls in (NetFeature, Transport) for m in cls}
-    value = 0
-    for name in (n.strip() for n in names.split(",")):
-        if not name or name == "none":
-            continue
-        if name not in table:
-            raise ValueError(f"unknown feature name {name!r}")
-        value |= table[name]
-    return value
-
-
 def parse_snmp(text: str) -> dict[str, int]:
     """The ``Ip:`` counters of a /proc/net/snmp text."""
     rows = [line.split()[1:] for line in text.splitlines() if line.startswith("Ip:")]
@@ -644,23 +660,6 @@ def ring_stop_indices(backend_log: str) -> dict[int, int]:
     for m in re.finditer(r"ring (\d+) stopped at index (\d+)", backend_log):
         out[int(m.group(1))] = int(m.group(2))
     return out
-
-
-def pair_stats(backend_log: str) -> dict[int, dict[str, dict[str, int]]]:
-    """pair -> {"rx": counters, "tx": counters} of the last ``pair N stats`` lines of a
-    ``pyvirtio net`` log (logged when a front-end disconnects, and on SIGUSR1)."""
-    out: dict[int, dict[str, dict[str, int]]] = {}
-    for m in re.finditer(r"pair (\d+) stats[^:]*: rx ([^;\n]*); tx ([^\n]*)", backend_log):
-        out[int(m.group(1))] = {
-            d: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text)}
-            for d, text in (("rx", m.group(2)), ("tx", m.group(3)))}
-    return out
-
-
-def negotiated_features(backend_log: str) -> int | None:
-    """The features of the last SET_FEATURES a ``pyvirtio net`` log shows."""
-    found = re.findall(r": features ((?:VIRTIO|VHOST)[^\n]*|none)$", backend_log, re.M)
-    return parse_features(found[-1]) if found else None
 
 
 def ethtool_stats(text: str) -> dict[str, int]:
