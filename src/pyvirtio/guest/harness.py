@@ -191,6 +191,11 @@ class VmConfig:
     no_reboot: bool = True              # -no-reboot (a guest reboot ends QEMU)
     command: str | None = None          # the guest's vq.cmd (None: the agent server)
     guest_mtu: int | None = None        # vq.mtu: ip link set eth0 mtu M in the guest
+    socket: Path | None = None          # the vhost-user net socket (default the testbed's)
+    server: bool = False                # QEMU listens (server=on,wait=off): --client back-end
+    ip: str = GUEST_IP                  # the guest's address (eth0)
+    mac: str = GUEST_MAC
+    rng_socket: Path | None = None      # add a vhost-user-rng-pci device on this socket
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -429,23 +434,42 @@ def backend_python() -> str:
 
 
 class Backend(_Child):
-    """``pyvirtio net`` started inside the namespace, serving ``socket_path``."""
+    """A back-end command (``pyvirtio net`` with the TAP, or ``pyvirtio rng``) started
+    inside the namespace on ``socket_path``: listening there, or with ``client``
+    connecting to the front-end listening there."""
 
-    def __init__(self, netns: str, socket_path: Path, log_path: Path, *, tap: str,
-                 queues: int = 1, extra: Sequence[str] = ()) -> None:
+    def __init__(self, netns: str, socket_path: Path, log_path: Path, *, tap: str = TAP_NAME,
+                 queues: int = 1, extra: Sequence[str] = (), kind: str = "net",
+                 client: bool = False) -> None:
         self.netns = netns
         self.socket_path = socket_path
         self.log_path = log_path
+        self.kind = kind
+        self.client = client
         #: the back-end's control socket (``pyvirtio ctl``): its state as data
         self.control_path = socket_path.with_name(socket_path.name + ".ctl")
-        self.argv = [backend_python(), "-m", "pyvirtio", "net", "--socket-path",
-                     str(socket_path), "--tap", tap, "--queues", str(queues),
-                     "--control", str(self.control_path), *extra]
+        device = ["--tap", tap, "--queues", str(queues)] if kind == "net" else []
+        self.argv = [backend_python(), "-m", "pyvirtio", kind, "--socket-path",
+                     str(socket_path), *device, "--control", str(self.control_path),
+                     *(["--client"] if client else []), *extra]
+
+    def _ready(self) -> bool:
+        """Listening on its socket; in client mode, answering on its control socket."""
+        if not self.client:
+            return self._listening()
+        from pyvirtio.control import ControlError, request
+        try:
+            request(str(self.control_path), "help", timeout=1)
+            return True
+        except ControlError:
+            return False
 
     def start(self, timeout: float = BACKEND_START_TIMEOUT) -> None:
-        """Start the backend and wait until it listens on its socket."""
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        """Start the backend and wait until it listens on its socket (in client mode:
+        until its control socket answers)."""
+        if not self.client:             # (in client mode the socket is QEMU's)
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
         with open(self.log_path, "ab") as out:
             out.write(f"=== {time.strftime('%H:%M:%S')} start: "
                       f"{shlex.join(self.argv)}\n".encode())
@@ -453,10 +477,11 @@ class Backend(_Child):
             self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *self.argv],
                                          stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
-        wait_while_running(self.proc, self._listening, timeout,
-                           f"pyvirtio net listening on {self.socket_path}", BackendFailed,
+        wait_while_running(self.proc, self._ready, timeout,
+                           f"pyvirtio {self.kind} ready on {self.socket_path}", BackendFailed,
                            lambda: _tail(self.log_path))
-        log.info("backend pid %d listening on %s", self.pid, self.socket_path)
+        log.info("backend pid %d %s %s", self.pid,
+                 "connecting to" if self.client else "listening on", self.socket_path)
 
     def _listening(self) -> bool:
         """Whether the backend's process has a listening socket at our path (read from
@@ -794,23 +819,31 @@ class Testbed:
         return path
 
     # -- the backend --------------------------------------------------------------------
-    def start_backend(self, *, queues: int = 1, extra: Sequence[str] = ()) -> Backend:
-        """Start ``pyvirtio net`` on :attr:`socket_path` with the TAP (the namespace is
-        created first, with a multiqueue TAP)."""
+    def start_backend(self, *, queues: int = 1, extra: Sequence[str] = (), kind: str = "net",
+                      socket: Path | None = None, client: bool = False) -> Backend:
+        """Start ``pyvirtio KIND`` (net with the TAP, or rng) on ``socket`` (default
+        :attr:`socket_path`; with ``client`` it connects there); the namespace is
+        created first, with a multiqueue TAP. Back-ends of one kind share a log."""
         self.open_namespace(multiqueue_tap=True)
-        path = self.backends[0].log_path if self.backends else self._new_log("backend")
-        backend = Backend(self.netns, self.socket_path, path, tap=TAP_NAME,
-                          queues=queues, extra=extra)
+        same = [b for b in self.backends if b.kind == kind]
+        path = same[0].log_path if same else self._new_log(f"backend-{kind}")
+        backend = Backend(self.netns, socket or self.socket_path, path, tap=TAP_NAME,
+                          queues=queues, extra=extra, kind=kind, client=client)
         self.backends.append(backend)
         backend.start()
         return backend
 
     @property
     def backend(self) -> Backend:
-        """The backend started last."""
-        if not self.backends:
+        """The net backend started last."""
+        nets = [b for b in self.backends if b.kind == "net"]
+        if not nets:
             raise HarnessError("no backend started")
-        return self.backends[-1]
+        return nets[-1]
+
+    def socket(self, name: str) -> Path:
+        """A socket path ``name`` in the testbed's socket folder."""
+        return self._sockdir / name
 
     # -- QEMU ---------------------------------------------------------------------------
     def qemu_argv(self, config: VmConfig, console: Path) -> list[str]:
@@ -829,7 +862,7 @@ class Testbed:
             argv.append("-no-reboot")
         argv += ["-serial", f"file:{console}",
                  "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
-                 "-append", kernel_cmdline(ip=f"{GUEST_IP}/{PREFIXLEN}",
+                 "-append", kernel_cmdline(ip=f"{config.ip}/{PREFIXLEN}",
                                            mtu=config.guest_mtu,
                                            queues=config.queues if config.queues > 1
                                            else None,
@@ -837,13 +870,15 @@ class Testbed:
                                            extra=["ipv6.disable=1"])]
         queues = f",queues={config.queues}" if config.queues > 1 else ""
         if config.backend == "vhost-user":
-            reconnect = ",reconnect=1" if config.reconnect else ""
-            argv += ["-chardev", f"socket,id=c0,path={self.socket_path}{reconnect}",
+            argv += ["-chardev", f"socket,id=c0,{self._chardev(config, config.socket)}",
                      "-netdev", f"vhost-user,id=n0,chardev=c0{queues}"]
         else:
             argv += ["-netdev", f"tap,id=n0,ifname={TAP_NAME},script=no,downscript=no,"
                                 f"vhost=off{queues}"]
-        device = f"virtio-net-pci,netdev=n0,mac={GUEST_MAC},vectors=0"
+        if config.rng_socket is not None:
+            argv += ["-chardev", f"socket,id=r0,{self._chardev(config, config.rng_socket)}",
+                     "-device", "vhost-user-rng-pci,chardev=r0"]
+        device = f"virtio-net-pci,netdev=n0,mac={config.mac},vectors=0"
         if config.queues > 1:
             device += ",mq=on"
         if config.packed:
@@ -853,13 +888,25 @@ class Testbed:
         argv += ["-device", device]
         return argv
 
+    def _chardev(self, config: VmConfig, path: Path | None) -> str:
+        """A vhost-user chardev's options: QEMU connects to ``path`` (default the
+        testbed's socket; reconnect=1 with ``config.reconnect``), or, with
+        ``config.server``, listens there for a back-end in client mode."""
+        path = self.socket_path if path is None else path
+        if config.server:
+            return f"path={path},server=on,wait=off"
+        return f"path={path}" + (",reconnect=1" if config.reconnect else "")
+
     def boot(self, config: VmConfig, *, wait: bool = True,
              timeout: float = BOOT_TIMEOUT) -> Qemu:
         """Start a QEMU guest for ``config`` (namespace and, for vhost-user, the backend
         first, unless already there); with ``wait`` wait for ``VQ-READY``."""
         if config.backend == "vhost-user":
-            if not self.backends:
+            # the testbed's own back-end, unless the config names a socket of the
+            # caller's or QEMU listens (the caller starts a client-mode back-end)
+            if not self.backends and not config.server and config.socket is None:
                 self.start_backend(queues=config.queues)
+            self.open_namespace(multiqueue_tap=True)
         else:
             self.open_namespace(multiqueue_tap=config.queues > 1)
         console = self._new_log("console")
