@@ -170,7 +170,8 @@ def test_the_rate_limit_bounds_what_the_guest_gets(source_file):
     """max_bytes_per_s=65536: bytes delivered never pass a full bucket (one second's
     worth) plus what accrued since the bucket was made, so 256 KiB take at least three
     seconds' worth of budget; no request is completed empty; the worker waits for the
-    budget (about THROTTLE_HZ times a second at most) instead of spinning."""
+    budget instead of spinning: with requests larger than the budget it waits for
+    (4 KiB here, 64 of them), at most about THROTTLE_HZ times a second."""
     rate, want = 65536, 256 << 10
     path, data = source_file(want + (1 << 16))
     t0 = time.monotonic()

@@ -55,9 +55,12 @@ DEFAULT_SOURCE = "/dev/urandom"
 #: the smallest token bucket (bytes): one request of a typical driver (Linux's hwrng
 #: reads 64 bytes at a time)
 MIN_BUCKET = 64
-#: a rate-limited worker waits until this many bytes' worth of budget returned (or
-#: :data:`MIN_BUCKET`, or a whole bucket if smaller): at most this many wake-ups a
-#: second, however low the rate
+#: a rate-limited worker whose budget ran out waits until 1/THROTTLE_HZ second's worth
+#: returned (at least :data:`MIN_BUCKET` bytes, at most a whole bucket) before it fills
+#: requests again: at most this many timer wake-ups a second, whatever the rate. (A kick that finds
+#: less budget waits the same way; kicks stay off meanwhile. A guest whose ring holds
+#: less than that, QEMU's vhost-user-rng has 4 requests of 64 bytes, gets a burst per
+#: kick and one wait per burst: a few hundred wake-ups a second at 64 KiB/s.)
 THROTTLE_HZ = 100
 #: request chains one burst pops at most
 BURST = 64
