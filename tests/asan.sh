@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # AddressSanitizer run of the hostile-guest, guest-memory and model-differential tests
-# (split and packed rings).
+# (split and packed rings) and of the fill burst kernel.
 #
-#   tests/asan.sh [pytest options]          # hostile, memory, model-differential, packed
+#   tests/asan.sh [pytest options]          # hostile, memory, model-differential, packed, fill
 #   ASAN_TESTS="tests/test_x.py tests/test_y.py" tests/asan.sh -k something
 #   ASAN_TESTS=tests tests/asan.sh          # the whole suite
 #
@@ -66,8 +66,9 @@ export ASAN_OPTIONS=detect_leaks=0:log_path=$logs/asan
 export PYTHONMALLOC=malloc
 "$venv/bin/python" - "$site" <<'EOF'
 import sys
-import vqcore, vqcore.batch, vqcore.memory, vqcore.packed, vqcore.queue, vqcore.split, vqcore.status
-for m in (vqcore.batch, vqcore.memory, vqcore.packed, vqcore.queue, vqcore.split, vqcore.status):
+import vqcore, vqcore.batch, vqcore.fill, vqcore.memory, vqcore.packed, vqcore.queue, vqcore.split, vqcore.status
+for m in (vqcore.batch, vqcore.fill, vqcore.memory, vqcore.packed, vqcore.queue, vqcore.split,
+          vqcore.status):
     assert m.__file__.startswith(sys.argv[1]), f"{m.__name__} comes from {m.__file__}"
 print("   import vqcore ->", vqcore.__file__)
 EOF
@@ -94,6 +95,8 @@ else
              tests/test_packed_layout.py; do
         [[ -f $t ]] && tests+=("$t")
     done
+    # the fill burst kernel: readv straight into guest memory, hostile rings included
+    [[ -f tests/test_fill.py ]] && tests+=(tests/test_fill.py)
 fi
 echo "== pytest under AddressSanitizer: ${tests[*]} $*"
 set +e

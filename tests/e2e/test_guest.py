@@ -31,6 +31,7 @@ from pyvirtio.guest.harness import (BACKENDS, GUEST_IP, GUEST_MAC, HOST_IP, Qemu
                                     end_process, ethtool_stats, guest_feature_bits,
                                     iperf3_client, parse_snmp, ring_stop_indices,
                                     tcp_sockets)
+from pyvirtio.guest import image as guest_image
 from pyvirtio.guest.image import (GuestImageError, kernel_cmdline, module_depends,
                                   module_load_order)
 
@@ -392,6 +393,18 @@ def test_module_load_order_follows_depends():
         module_load_order({"a": ["b"]})
     with pytest.raises(GuestImageError, match="cycle"):
         module_load_order({"a": ["b"], "b": ["a"]})
+
+
+def test_the_image_cache_key_follows_the_module_list(monkeypatch):
+    """A new module list (virtio_rng was added for the vhost-user-rng guests) is a new
+    image: a cache built with the old list is not reused."""
+    versions = {"linux-image-x-cloud-amd64": "1", "busybox-static": "1"}
+    assert "virtio_rng" in guest_image.MODULES
+    key = guest_image._key(versions, {})
+    assert guest_image._key(versions, {}) == key
+    monkeypatch.setattr(guest_image, "MODULES",
+                        tuple(m for m in guest_image.MODULES if m != "virtio_rng"))
+    assert guest_image._key(versions, {}) != key
 
 
 def test_kernel_cmdline_and_feature_parsers():

@@ -4,8 +4,8 @@ Built from Debian packages only, never installed on the host:
 
 * the kernel: ``linux-image-cloud-amd64`` names the ABI package
   (``linux-image-<abi>-cloud-amd64``), which ``apt-get download`` fetches and
-  ``dpkg-deb -x`` unpacks; ``/boot/vmlinuz-*`` is the kernel, and the virtio-net modules
-  (:data:`MODULES`) come from its ``/lib/modules`` tree;
+  ``dpkg-deb -x`` unpacks; ``/boot/vmlinuz-*`` is the kernel, and the virtio-net and
+  virtio-rng modules (:data:`MODULES`) come from its ``/lib/modules`` tree;
 * busybox: ``busybox-static``, downloaded and unpacked the same way;
 * iperf3 and ethtool: the host's binaries (Debian packages ``iperf3`` and ``ethtool``)
   with the shared libraries ``ldd`` names and the dynamic loader.
@@ -14,7 +14,8 @@ The initramfs (cpio ``newc`` + gzip) holds busybox and its applet links, the mod
 their load order (dependency order read from each module's ``depends=``), iperf3,
 ethtool, a small guest agent and :data:`INIT_SCRIPT` as ``/init``, which:
 
-1. mounts proc, sys, devtmpfs and a tmpfs on /tmp, loads the modules;
+1. mounts proc, sys, devtmpfs and a tmpfs on /tmp, loads the modules (a virtio-rng
+   device, QEMU's own or vhost-user's, then feeds ``/dev/hwrng``);
 2. configures ``eth0`` from the kernel command line: ``vq.ip=ADDR/PREFIX``,
    ``vq.mtu=M`` (optional), ``vq.queues=N`` (``ethtool -L eth0 combined N`` when ethtool
    is present, else skipped);
@@ -71,9 +72,11 @@ log = logging.getLogger("pyvirtio.guest.image")
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 #: Debian's statically linked busybox
 BUSYBOX_PACKAGE = "busybox-static"
-#: the virtio-net driver and what it needs (all modules in the cloud kernel)
+#: the virtio-net and virtio-rng drivers and what they need (all modules in the cloud
+#: kernel; virtio_rng's rng_core, the hw_random core behind /dev/hwrng, is built in:
+#: CONFIG_HW_RANDOM=y)
 MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-           "virtio_pci", "failover", "net_failover", "virtio_net")
+           "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_rng")
 #: host binaries copied into the guest with their shared libraries
 HOST_BINARIES = {"iperf3": "/usr/bin/iperf3", "ethtool": "/usr/sbin/ethtool"}
 #: TCP port of the guest agent

@@ -26,9 +26,9 @@ import numpy as np
 import vqcore
 from vqcore import ChainBatch, GuestMemory
 
+from pyvirtio.driver import driver_ok, negotiate
 from pyvirtio.features import NetFeature, Transport
 from pyvirtio.net.header import HDR_LEN
-from pyvirtio.status import DeviceStatus
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +199,7 @@ class NetDriver:
 
         ``features``: what to accept (default: everything the device offers).
         Returns the negotiated features."""
-        S = DeviceStatus
-        device.write_status(S.ACKNOWLEDGE)
-        device.write_status(S.ACKNOWLEDGE | S.DRIVER)
-        want = device.device_features if features is None else int(features)
-        device.write_driver_features(want & device.device_features)
-        st = device.write_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
-        if not st & S.FEATURES_OK:
-            raise NetDriverError(f"device refused the features: {device.negotiation_error}")
-        self.setup(device.negotiated_features)
+        self.setup(negotiate(device, features, NetDriverError))
         device.memory = self.memory
         for dq in self.all_queues():
             desc, driver_area, device_area = self.ring_addresses(dq.index)[:3]
@@ -215,9 +207,7 @@ class NetDriver:
                                    avail=driver_area, used=device_area, enabled=True)
             dq.kick_fd = device.kick_fds[dq.index]
             dq.call_fd = device.call_fds[dq.index]
-        st = device.write_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
-        if st & S.DEVICE_NEEDS_RESET:
-            raise NetDriverError(f"device needs reset: {device.needs_reset_reason}")
+        driver_ok(device, NetDriverError)
         for p in range(self.pairs):
             self.post_rx(p)
         return self.features

@@ -143,12 +143,8 @@ static inline void vq_iov_write(const struct iovec *iov, uint32_t n, uint64_t of
 
 static inline void vq_net_notify(struct vq_dev *q, int call_fd, struct vq_net_stats *st)
 {
-    if (call_fd >= 0 && q->ops->needs_notification(q->q)) {
-        uint64_t one = 1;
-        ssize_t r = write(call_fd, &one, sizeof one);
-        (void)r;
+    if (vq_dev_notify(q, call_fd) > 0)
         st->notifications++;
-    }
 }
 
 /* ---- TX ------------------------------------------------------------------------------ */

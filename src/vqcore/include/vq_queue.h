@@ -8,7 +8,9 @@
 #ifndef VQ_QUEUE_H
 #define VQ_QUEUE_H
 
+#include <errno.h>
 #include <stdint.h>
+#include <unistd.h>
 #include "vq_batch.h"
 #include "vq_status.h"
 
@@ -57,6 +59,24 @@ static inline int vq_dev_fail(struct vq_dev *d, int code, uint32_t index, uint64
 {
     *d->broken = 1;
     return vq_fail(d->err, code, index, addr, len);
+}
+
+/* After a push: interrupt the driver through eventfd call_fd when its suppression
+ * wishes say so. The fd is non-blocking; a full counter (EAGAIN) means the driver has
+ * signals it has not read yet, so it counts as signalled. Returns 1 when signalled, 0
+ * when no interrupt is wanted (or call_fd < 0), -1 when the write failed. */
+static inline int vq_dev_notify(struct vq_dev *d, int call_fd)
+{
+    if (call_fd < 0 || !d->ops->needs_notification(d->q))
+        return 0;
+    uint64_t one = 1;
+    ssize_t r;
+    do {
+        r = write(call_fd, &one, sizeof one);
+    } while (r < 0 && errno == EINTR);
+    if (r == (ssize_t)sizeof one || (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)))
+        return 1;
+    return -1;
 }
 
 /* Define the handle functions of one ring layout P (vq_split, vq_packed): thin
