@@ -471,16 +471,19 @@ def frame(i: int, size: int = 64, src: bytes = b"\x02\x00\x00\x00\x00\x01") -> b
 # a back-end in a thread
 
 #: the devices the generic tests run against (the handler with each)
-DEVICE_KINDS = ("net", "dummy")
+DEVICE_KINDS = ("net", "dummy", "rng")
 
 
 def make_device(kind: str | object, queues: int = 1, **kwargs) -> tuple[VhostUserDevice, object]:
     """(device, what else to close) for ``kind``: "sink" (or "net") and "loopback" (a
     net device over that packet end), a packet backend object (net over it), "dummy"
-    (:class:`vhost_user_dummy.DummyDevice`, 2 rings unless ``queues`` says)."""
+    (:class:`vhost_user_dummy.DummyDevice`, 2 rings unless ``queues`` says), "rng"."""
     if kind == "dummy":
         from vhost_user_dummy import DummyDevice
         return DummyDevice(max(queues, 2) if queues == 1 else queues), None
+    if kind == "rng":
+        from pyvirtio.rng.vhost_user import VhostUserRngDevice
+        return VhostUserRngDevice(**kwargs), None
     if kind in ("sink", "net"):
         packet: object = Sink(queues)
     elif kind == "loopback":

@@ -1,5 +1,5 @@
-"""The ``pyvirtio`` command: ``pyvirtio net`` (a vhost-user-net back-end) and
-``pyvirtio bench`` (the benchmark suite)."""
+"""The ``pyvirtio`` command: ``pyvirtio net`` and ``pyvirtio rng`` (vhost-user back-ends),
+``pyvirtio ctl`` (ask a running back-end) and ``pyvirtio bench`` (the benchmark suite)."""
 
 from __future__ import annotations
 
@@ -305,6 +305,34 @@ def _ctl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_rng(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate ``pyvirtio rng`` arguments beyond argparse (exits 2 on an error)."""
+    if args.print_capabilities:
+        return
+    _check_socket(parser, args)
+    if args.max_bytes_per_s is not None and args.max_bytes_per_s < 1:
+        parser.error(f"--max-bytes-per-s {args.max_bytes_per_s}: must be at least 1")
+    try:
+        fd = os.open(args.source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        parser.error(f"--source {args.source}: {exc.strerror}")
+    else:
+        os.close(fd)
+
+
+def _rng(args: argparse.Namespace) -> int:
+    from pyvirtio.rng.vhost_user import VhostUserRngDevice
+    from pyvirtio.vhost_user.handler import capabilities
+
+    if args.print_capabilities:
+        caps = capabilities(VhostUserRngDevice.device_type, 0, False,
+                            VhostUserRngDevice.withheld_protocol_features)
+        sys.stdout.write(json.dumps(caps, indent=2) + "\n")
+        return 0
+    return _serve(args, lambda stack: VhostUserRngDevice(
+        source=args.source, max_bytes_per_s=args.max_bytes_per_s, poll=args.poll))
+
+
 #: ``pyvirtio bench``'s levels in suite order (pyvirtio.bench.suite.LEVELS, named here so
 #: that the CLI does not import the suite to print its help; a test keeps them equal)
 BENCH_LEVELS = ("engine", "pingpong", "tap", "packed", "vhost-user", "guest")
@@ -360,6 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not offer VIRTIO_F_RING_PACKED (packed rings are offered by "
                         "default; the guest still chooses)")
     n.set_defaults(func=_net, check=_check_net, parser=n)
+
+    r = sub.add_parser(
+        "rng", help="run a vhost-user-rng back-end",
+        description="A vhost-user-rng back-end (QEMU's vhost-user-rng-pci): the guest's "
+                    "virtio_rng driver gets bytes of --source. Served like pyvirtio net: "
+                    "one front-end at a time, listening again when it disconnects (with "
+                    "--client: connecting, and again whenever it goes away); SIGUSR1 logs "
+                    "the counters.")
+    r.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging")
+    _add_socket_args(r)
+    r.add_argument("--source", default="/dev/urandom", metavar="PATH",
+                   help="where the random bytes come from (default /dev/urandom)")
+    r.add_argument("--max-bytes-per-s", type=int, metavar="N",
+                   help="rate limit: at most N bytes a second (default: none)")
+    r.add_argument("--poll", action="store_true", help="busy-poll the request queue")
+    r.set_defaults(func=_rng, check=_check_rng, parser=r)
 
     c = sub.add_parser("ctl", help="ask a running back-end (started with --control PATH)",
                        description="Send a command to a back-end's control socket and print "

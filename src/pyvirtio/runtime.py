@@ -312,10 +312,12 @@ class QueuePairWorker(Worker):
             self._tx_dead = True
             self._tx_hold = None       # nothing left to hold for (a hold would spin)
             err = cfg.tx_err
-        if err >= 0 and not fds.signal(err):
-            log.warning("queue pair %d %s: cannot signal its error fd", cfg.index, which)
+        # the device records DEVICE_NEEDS_RESET first: a front-end woken by the error
+        # fd may ask for the status at once
         if cfg.on_violation is not None:
             cfg.on_violation(cfg.index, which, exc)
+        if err >= 0 and not fds.signal(err):
+            log.warning("queue pair %d %s: cannot signal its error fd", cfg.index, which)
 
     def _serve_tx(self) -> bool:
         """Drain the TX ring (race-free); True if it should be looked at again soon."""

@@ -876,7 +876,10 @@ class Testbed:
             argv += ["-netdev", f"tap,id=n0,ifname={TAP_NAME},script=no,downscript=no,"
                                 f"vhost=off{queues}"]
         if config.rng_socket is not None:
-            argv += ["-chardev", f"socket,id=r0,{self._chardev(config, config.rng_socket)}",
+            # (QEMU 7.2 cannot realize vhost-user-rng without its back-end: as the
+            # listening side it must wait for it, and reconnect=1 aborts it)
+            chardev = self._chardev(config, config.rng_socket, wait=True)
+            argv += ["-chardev", f"socket,id=r0,{chardev}",
                      "-device", "vhost-user-rng-pci,chardev=r0"]
         device = f"virtio-net-pci,netdev=n0,mac={config.mac},vectors=0"
         if config.queues > 1:
@@ -888,14 +891,15 @@ class Testbed:
         argv += ["-device", device]
         return argv
 
-    def _chardev(self, config: VmConfig, path: Path | None) -> str:
+    def _chardev(self, config: VmConfig, path: Path | None, *, wait: bool = False) -> str:
         """A vhost-user chardev's options: QEMU connects to ``path`` (default the
-        testbed's socket; reconnect=1 with ``config.reconnect``), or, with
-        ``config.server``, listens there for a back-end in client mode."""
+        testbed's socket; reconnect=1 with ``config.reconnect``, unless ``wait``), or,
+        with ``config.server``, listens there for a back-end in client mode (and with
+        ``wait`` waits for it before it starts the guest)."""
         path = self.socket_path if path is None else path
         if config.server:
-            return f"path={path},server=on,wait=off"
-        return f"path={path}" + (",reconnect=1" if config.reconnect else "")
+            return f"path={path},server=on,wait={'on' if wait else 'off'}"
+        return f"path={path}" + (",reconnect=1" if config.reconnect and not wait else "")
 
     def boot(self, config: VmConfig, *, wait: bool = True,
              timeout: float = BOOT_TIMEOUT) -> Qemu:

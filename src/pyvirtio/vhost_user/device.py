@@ -72,6 +72,10 @@ class VhostUserDevice(abc.ABC):
         RARP); the handler adds those it provides itself."""
         return 0
 
+    #: protocol features the handler provides that this device does without (a
+    #: front-end it must work with mishandles them)
+    withheld_protocol_features: int = 0
+
     def queue_num(self) -> int:
         """What GET_QUEUE_NUM answers (net: queue pairs, as QEMU reads it)."""
         return self.num_queues

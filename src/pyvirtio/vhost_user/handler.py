@@ -16,9 +16,14 @@ the group started again, all before the reply, so a change takes effect before t
 front-end hears it did and no kick is lost (a new worker looks at its rings once
 before it sleeps).
 
-Errors: a message that is malformed, out of place or fails gets a NACK (u64 1) when
-REPLY_ACK was negotiated and the message asked for a reply; otherwise the connection is
-closed. Either way one line is logged, every fd that came with the message and that
+Replies: a message that asks for one (``need_reply``) gets a u64 ack, 0 when it was
+done. A front-end sets the flag only once REPLY_ACK was negotiated, except one that
+comes back without negotiating again (QEMU 7.2's vhost-user-rng after a back-end
+restart sends SET_FEATURES and the rest with the flags of the first session): it gets
+its answers all the same, as DPDK and libvhost-user give them.
+
+Errors: a message that is malformed, out of place or fails gets a NACK (u64 1) when it
+asked for a reply; otherwise the connection is closed. Either way one line is logged, every fd that came with the message and that
 the handler did not keep is closed, and the port is ready for the next connection.
 Every fd a front-end hands over is checked for what it must be (eventfds for kicks,
 calls and errors, files large enough for memory: :mod:`pyvirtio.fds`).
@@ -86,21 +91,23 @@ def protocol_names(value: int) -> str:
     return ", ".join(names) or "none"
 
 
-def offered_protocol_features(device_features: int, config: bool) -> int:
+def offered_protocol_features(device_features: int, config: bool, withheld: int = 0) -> int:
     """The protocol features a handler offers for a device whose own requests need
-    ``device_features`` and that has a configuration space (``config``) or not."""
-    value = int(HANDLER_PROTOCOL_FEATURES) | int(device_features)
+    ``device_features``, that has a configuration space (``config``) or not, and that
+    does without the ``withheld`` ones of the handler's."""
+    value = int(HANDLER_PROTOCOL_FEATURES) & ~int(withheld) | int(device_features)
     if config:
         value |= int(ProtocolFeature.CONFIG)
     return value
 
 
-def capabilities(device_type: str, device_features: int, config: bool) -> dict[str, object]:
+def capabilities(device_type: str, device_features: int, config: bool,
+                 withheld: int = 0) -> dict[str, object]:
     """What ``--print-capabilities`` prints (vhost-user.rst, backend program
     conventions; ``@VHostUserBackendCapabilities`` of vhost-user.json): the type and
     the protocol features offered (see :func:`offered_protocol_features`), in lower
     case with dashes."""
-    offered = offered_protocol_features(device_features, config)
+    offered = offered_protocol_features(device_features, config, withheld)
     names = [(f.name or "").lower().replace("_", "-") for f in ProtocolFeature
              if f & offered]
     return {"type": device_type, "features": names}
@@ -125,7 +132,8 @@ class VhostUserHandler:
         for i in range(n):
             self._groups.setdefault(device.queue_group(i), []).append(i)
         self.offered_protocol_features = offered_protocol_features(
-            device.protocol_features(), device.config_size() > 0)
+            device.protocol_features(), device.config_size() > 0,
+            device.withheld_protocol_features)
         self.table = MemoryTable(self.name, len(self._groups) if copies is None else copies)
         #: negotiated protocol features (SET_PROTOCOL_FEATURES)
         self.protocol_features = 0
@@ -204,14 +212,14 @@ class VhostUserHandler:
             msg.fds.clear()
         if reply is not None:
             conn.reply(msg, reply)
-        elif msg.need_reply and self.reply_ack:
+        elif msg.need_reply:
             conn.reply(msg, U64(0).pack())
         return True
 
     def _failed(self, conn: Connection, msg: Message, exc: Exception) -> bool:
         if not isinstance(exc, EXPECTED_ERRORS):
             log.exception("%s: %s failed unexpectedly", self.name, msg.name())
-        if msg.need_reply and self.reply_ack and msg.request not in EXPLICIT_REPLY:
+        if msg.need_reply and msg.request not in EXPLICIT_REPLY:
             if isinstance(exc, EXPECTED_ERRORS):
                 log.warning("%s: %s refused (NACK): %s", self.name, msg.name(), exc)
             conn.reply(msg, U64(1).pack())
