@@ -27,8 +27,9 @@ from pyvirtio.net.vhost_user import (GUEST_OFFLOADS, NET_PROTOCOL_FEATURES,
 from pyvirtio.vhost_user.handler import offered_protocol_features
 from pyvirtio.vhost_user.messages import (F_PROTOCOL_FEATURES, MAX_MEM_SLOTS, ConfigSpace,
                                           MemRegion, ProtocolFeature, Request, U64)
-from vhost_user_peer import (ALL_PROTOCOL, GPA_BASE, NET_OFFERED, Guest, GuestRam, frame, new_driver,
-                             recv_frames, ring_features, serving, start_net, wait_for)
+from vhost_user_peer import (ALL_PROTOCOL, GPA_BASE, NET_OFFERED, Guest, GuestRam, frame,
+                             new_driver, recv_frames, ring_features, serving, start_net,
+                             wait_for)
 
 GUEST_MAC = bytes.fromhex("525400abcdef")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-import struct
 import time
 
 import pytest

@@ -87,6 +87,23 @@ def _mac_address(text: str) -> bytes:
     return mac
 
 
+#: how every back-end command serves (the end of its description)
+SERVING = ("It serves one front-end at a time and listens again when it disconnects (with "
+           "--client: it connects to the front-end, and again whenever it goes away); "
+           "SIGINT/SIGTERM end it cleanly, SIGUSR1 logs its counters (also logged when a "
+           "front-end disconnects).")
+
+
+def _backend_parser(sub: Any, name: str, help: str, description: str
+                    ) -> argparse.ArgumentParser:
+    """A back-end command's parser with the options they all take."""
+    p = sub.add_parser(name, help=help, description=f"{description} {SERVING}")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging")
+    _add_socket_args(p)
+    return p
+
+
 def _socket_mode(text: str) -> int:
     """argparse type: an octal permission mode like 660 or 0o660."""
     try:
@@ -357,17 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"levels to run (default: all): {' '.join(BENCH_LEVELS)}")
     b.set_defaults(func=_bench)
 
-    n = sub.add_parser(
-        "net", help="run a vhost-user-net back-end",
-        description="A vhost-user-net back-end (QEMU docs/interop/vhost-user.rst, "
-                    "backend program conventions). It serves one front-end at a time and "
-                    "listens again when it disconnects (with --client: connects to the "
-                    "front-end, and again whenever it goes away); SIGINT/SIGTERM end it cleanly, "
-                    "SIGUSR1 logs each queue pair's counters (also logged when a "
-                    "front-end disconnects).")
-    n.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="debug logging")
-    _add_socket_args(n)
+    n = _backend_parser(sub, "net", "run a vhost-user-net back-end",
+                        "A vhost-user-net back-end (QEMU docs/interop/vhost-user.rst, backend "
+                        "program conventions).")
     end = n.add_mutually_exclusive_group()
     end.add_argument("--tap", metavar="NAME", help="a TAP interface (created if missing)")
     end.add_argument("--sink", action="store_true", help="count and drop every TX frame")
@@ -389,16 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default; the guest still chooses)")
     n.set_defaults(func=_net, check=_check_net, parser=n)
 
-    r = sub.add_parser(
-        "rng", help="run a vhost-user-rng back-end",
-        description="A vhost-user-rng back-end (QEMU's vhost-user-rng-pci): the guest's "
-                    "virtio_rng driver gets bytes of --source. Served like pyvirtio net: "
-                    "one front-end at a time, listening again when it disconnects (with "
-                    "--client: connecting, and again whenever it goes away); SIGUSR1 logs "
-                    "the counters.")
-    r.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="debug logging")
-    _add_socket_args(r)
+    r = _backend_parser(sub, "rng", "run a vhost-user-rng back-end",
+                        "A vhost-user-rng back-end (QEMU's vhost-user-rng-pci): the guest's "
+                        "virtio_rng driver gets bytes of --source.")
     r.add_argument("--source", default="/dev/urandom", metavar="PATH",
                    help="where the random bytes come from (default /dev/urandom)")
     r.add_argument("--max-bytes-per-s", type=int, metavar="N",

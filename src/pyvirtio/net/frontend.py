@@ -31,6 +31,7 @@ from vqcore import ChainBatch, split_addresses
 from pyvirtio.features import (NET_DEPENDENCIES, FeatureDependencyError, NetFeature, Transport,
                                check_dependencies)
 from pyvirtio.net.config import FIELDS as CONFIG_FIELDS
+from pyvirtio.net.device import DEFAULT_FEATURES as NET_DEVICE_FEATURES
 from pyvirtio.net.driver import DriverQueue, NetDriver
 from pyvirtio.net.header import HDR_LEN
 from pyvirtio.vhost_user.client import (CLIENT_PROTOCOL_FEATURES, BackendClosed, BackendNack,
@@ -40,15 +41,9 @@ from pyvirtio.vhost_user.messages import ProtocolFeature, Request, U64
 
 log = logging.getLogger(__name__)
 
-#: what the front-end asks for by default (each bit only if the back-end offers it)
-DEFAULT_FEATURES = (Transport.VERSION_1 | Transport.EVENT_IDX | Transport.INDIRECT_DESC
-                    | NetFeature.MRG_RXBUF | NetFeature.CSUM | NetFeature.GUEST_CSUM
-                    | NetFeature.HOST_TSO4 | NetFeature.HOST_TSO6 | NetFeature.HOST_ECN
-                    | NetFeature.HOST_UFO | NetFeature.HOST_USO
-                    | NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_ECN
-                    | NetFeature.GUEST_UFO | NetFeature.GUEST_USO4 | NetFeature.GUEST_USO6
-                    | NetFeature.MTU | NetFeature.MAC | NetFeature.STATUS | NetFeature.MQ
-                    | Transport.PROTOCOL_FEATURES)
+#: what the front-end asks for by default (each bit only if the back-end offers it): what
+#: a net device offers, MQ, and the vhost-user protocol features
+DEFAULT_FEATURES = (NET_DEVICE_FEATURES | NetFeature.MQ | Transport.PROTOCOL_FEATURES)
 
 #: protocol features asked for by default: the client's and the net requests'
 DEFAULT_PROTOCOL_FEATURES = (CLIENT_PROTOCOL_FEATURES | ProtocolFeature.NET_MTU
@@ -192,16 +187,10 @@ class VhostUserNetFrontend(VhostUserClient):
     def _accept_features(self, features: int) -> int:
         return drop_unmet(features)
 
-    def _check_queue_num(self, queue_num: int | None) -> None:
+    def _queues_wanted(self) -> tuple[int, str]:
         # QEMU reads GET_QUEUE_NUM as queue pairs for a net device, other back-ends as
         # queues: a number of pairs within it is within either reading
-        if queue_num is None:
-            if self.pairs > 1:
-                raise FrontendError(f"{self.name}: {self.pairs} queue pairs need "
-                                    "VHOST_USER_PROTOCOL_F_MQ, which was not negotiated")
-        elif self.pairs > queue_num:
-            raise FrontendError(f"{self.name}: {self.pairs} queue pairs wanted, the "
-                                f"back-end has {queue_num} queues")
+        return self.pairs, "queue pairs"
 
     def config_size(self) -> int:
         end = 0

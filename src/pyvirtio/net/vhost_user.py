@@ -31,7 +31,7 @@ from pyvirtio.features import NET_DEPENDENCIES, NetFeature, Transport
 from pyvirtio.net.device import GUEST_GSO, NetDevice, PacketBackend
 from pyvirtio.net.header import HDR_LEN
 from pyvirtio.runtime import TX_COALESCE_US, check_tx_coalesce_us
-from pyvirtio.vhost_user.device import RequestHandler, VhostUserDevice
+from pyvirtio.vhost_user.device import CoreDevice, RequestHandler
 from pyvirtio.vhost_user.messages import (MAX_QUEUE_SIZE, Message, ProtocolError,
                                           ProtocolFeature, Request, U64)
 
@@ -82,7 +82,7 @@ def rarp_frame(mac: bytes) -> bytes:
     return frame + bytes(ETH_ZLEN - len(frame))
 
 
-class VhostUserNetDevice(VhostUserDevice):
+class VhostUserNetDevice(CoreDevice):
     """A virtio-net device for vhost-user front-ends (one port).
 
     Args:
@@ -141,10 +141,11 @@ class VhostUserNetDevice(VhostUserDevice):
                          poll=self.poll, tx_coalesce_us=self.tx_coalesce_us,
                          rules=VHOST_USER_NET_RULES, name=self.name)
 
-    # ---- negotiation -----------------------------------------------------------------
+    @property
+    def core(self) -> NetDevice:
+        return self.net
 
-    def features(self) -> int:
-        return self.offered
+    # ---- negotiation -----------------------------------------------------------------
 
     def protocol_features(self) -> int:
         return int(NET_PROTOCOL_FEATURES)
@@ -154,7 +155,7 @@ class VhostUserNetDevice(VhostUserDevice):
         return self.queues
 
     def set_features(self, features: int) -> int:
-        negotiated = self.net.negotiate_features(features)
+        negotiated = super().set_features(features)
         self.net.set_guest_offloads(negotiated & GUEST_OFFLOADS)
         return negotiated
 
@@ -264,13 +265,6 @@ class VhostUserNetDevice(VhostUserDevice):
         log.info("%s: RARP announcement sent for %s", self.name, mac.hex(":"))
 
     # ---- state ------------------------------------------------------------------------
-
-    @property
-    def needs_reset_reason(self) -> str | None:
-        return self.net.needs_reset_reason
-
-    def clear_needs_reset(self) -> None:
-        self.net.clear_needs_reset()
 
     def reset(self) -> None:
         """A fresh NetDevice (counters too), the packet backend's MTU given back."""

@@ -1,9 +1,9 @@
 """The virtio-rng device served over vhost-user (QEMU's ``vhost-user-rng-pci``):
 :class:`VhostUserRngDevice` adapts a :class:`~pyvirtio.rng.device.RngDevice` to the
-device protocol of :mod:`pyvirtio.vhost_user.device`. It takes what any device needs to
-say and nothing more: one request queue (a ring group of its own), the transport
-features the engine supports, no configuration space, no requests of its own, and the
-request queue's counters. Everything else is the generic handler's.
+device protocol of :mod:`pyvirtio.vhost_user.device`: one request queue (a ring group of
+its own), the core's features and DEVICE_NEEDS_RESET, no configuration space, no
+requests of its own, and the request queue's counters. Everything else is the generic
+handler's.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from vqcore.fill import FillStats
 
 from pyvirtio.device import Vring
 from pyvirtio.rng.device import DEFAULT_FEATURES, DEFAULT_SOURCE, RngDevice
-from pyvirtio.vhost_user.device import VhostUserDevice
+from pyvirtio.vhost_user.device import CoreDevice
 from pyvirtio.vhost_user.messages import MAX_QUEUE_SIZE, ProtocolFeature
 
 
-class VhostUserRngDevice(VhostUserDevice):
+class VhostUserRngDevice(CoreDevice):
     """A virtio-rng device for vhost-user front-ends (one port).
 
     Args:
@@ -51,11 +51,9 @@ class VhostUserRngDevice(VhostUserDevice):
                              features=int(DEFAULT_FEATURES if features is None else features),
                              poll=poll, name=name)
 
-    def features(self) -> int:
-        return self.rng.device_features
-
-    def set_features(self, features: int) -> int:
-        return self.rng.negotiate_features(features)
+    @property
+    def core(self) -> RngDevice:
+        return self.rng
 
     def start_group(self, group: int, vrings: Sequence[Vring]) -> None:
         self.rng.start_queue(vrings[0])
@@ -65,13 +63,6 @@ class VhostUserRngDevice(VhostUserDevice):
 
     def update_memory(self, memory: GuestMemory | None) -> None:
         self.rng.memory = memory
-
-    @property
-    def needs_reset_reason(self) -> str | None:
-        return self.rng.needs_reset_reason
-
-    def clear_needs_reset(self) -> None:
-        self.rng.clear_needs_reset()
 
     def reset(self) -> None:
         """Fresh negotiation state and counters (the source stays open)."""

@@ -116,8 +116,8 @@ class VhostUserClient:
 
     A subclass provides :meth:`_layout` (lay its rings out in :attr:`memory` and return
     them, with their kick and call eventfds), :meth:`_reset_rings`, and may override
-    :meth:`_accept_features`, :meth:`_check_queue_num`, :meth:`config_size`,
-    :meth:`_features_set` and :meth:`_started`.
+    :meth:`_accept_features`, :meth:`_queues_wanted`, :meth:`config_size`,
+    :meth:`_features_set`, :meth:`_started` and :meth:`_release_rings`.
 
     Args:
         num_queues: rings the session uses.
@@ -201,16 +201,23 @@ class VhostUserClient:
         """The features to use out of ``features`` (offered ∩ wanted)."""
         return features
 
+    def _queues_wanted(self) -> tuple[int, str]:
+        """How many queues the session needs in GET_QUEUE_NUM's unit, and its name
+        (default: every ring; a net device counts queue pairs, as QEMU does)."""
+        return self.num_queues, "rings"
+
     def _check_queue_num(self, queue_num: int | None) -> None:
         """Raise :class:`FrontendError` unless the back-end's GET_QUEUE_NUM (None:
-        VHOST_USER_PROTOCOL_F_MQ not negotiated) allows :attr:`num_queues` rings."""
+        VHOST_USER_PROTOCOL_F_MQ not negotiated) allows what :meth:`_queues_wanted`
+        says."""
+        n, what = self._queues_wanted()
         if queue_num is None:
-            if self.num_queues > 1:
-                raise FrontendError(f"{self.name}: {self.num_queues} rings need "
+            if n > 1:
+                raise FrontendError(f"{self.name}: {n} {what} need "
                                     "VHOST_USER_PROTOCOL_F_MQ, which was not negotiated")
-        elif self.num_queues > queue_num:
-            raise FrontendError(f"{self.name}: {self.num_queues} rings wanted, the "
-                                f"back-end has {queue_num} queues")
+        elif n > queue_num:
+            raise FrontendError(f"{self.name}: {n} {what} wanted, the back-end has "
+                                f"{queue_num} queues")
 
     def config_size(self) -> int:
         """Bytes of configuration space to read at connect (0: none)."""

@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from vqcore import GuestMemory
 
-from pyvirtio.device import ConfigAccessError, Vring
+from pyvirtio.device import ConfigAccessError, VirtioDevice, Vring
 from pyvirtio.vhost_user.messages import Message, Request
 
 log = logging.getLogger(__name__)
@@ -160,4 +160,28 @@ class VhostUserDevice(abc.ABC):
         """Release what the device holds (the port is going away)."""
 
 
-__all__ = ["VhostUserDevice", "RequestHandler"]
+class CoreDevice(VhostUserDevice):
+    """A device whose work a transport-neutral :class:`~pyvirtio.device.VirtioDevice`
+    does (:attr:`core`: net's ``NetDevice``, rng's ``RngDevice``): the features it
+    offers and accepts, and its DEVICE_NEEDS_RESET, come from the core."""
+
+    @property
+    @abc.abstractmethod
+    def core(self) -> VirtioDevice:
+        """The device core (it may be replaced by :meth:`reset`)."""
+
+    def features(self) -> int:
+        return self.core.device_features
+
+    def set_features(self, features: int) -> int:
+        return self.core.negotiate_features(features)
+
+    @property
+    def needs_reset_reason(self) -> str | None:
+        return self.core.needs_reset_reason
+
+    def clear_needs_reset(self) -> None:
+        self.core.clear_needs_reset()
+
+
+__all__ = ["VhostUserDevice", "CoreDevice", "RequestHandler"]

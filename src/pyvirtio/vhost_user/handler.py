@@ -23,8 +23,9 @@ restart sends SET_FEATURES and the rest with the flags of the first session): it
 its answers all the same, as DPDK and libvhost-user give them.
 
 Errors: a message that is malformed, out of place or fails gets a NACK (u64 1) when it
-asked for a reply; otherwise the connection is closed. Either way one line is logged, every fd that came with the message and that
-the handler did not keep is closed, and the port is ready for the next connection.
+asked for a reply; otherwise the connection is closed. Either way one line is logged,
+every fd that came with the message and that the handler did not keep is closed, and
+the port is ready for the next connection.
 Every fd a front-end hands over is checked for what it must be (eventfds for kicks,
 calls and errors, files large enough for memory: :mod:`pyvirtio.fds`).
 """
@@ -32,7 +33,6 @@ calls and errors, files large enough for memory: :mod:`pyvirtio.fds`).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable
 
 import vqcore
