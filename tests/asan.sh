@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # AddressSanitizer run of the hostile-guest, guest-memory and model-differential tests
-# (split and packed rings) and of the fill burst kernel.
+# (split and packed rings), of the fill burst kernel, and of memory-table swaps under
+# streaming rings.
 #
 #   tests/asan.sh [pytest options]          # hostile, memory, model-differential, packed, fill
 #   ASAN_TESTS="tests/test_x.py tests/test_y.py" tests/asan.sh -k something
@@ -97,6 +98,8 @@ else
     done
     # the fill burst kernel: readv straight into guest memory, hostile rings included
     [[ -f tests/test_fill.py ]] && tests+=(tests/test_fill.py)
+    # memory-table swaps under streaming rings: no queue or batch touches an old mapping
+    [[ -f tests/test_memory_swaps.py ]] && tests+=(tests/test_memory_swaps.py)
 fi
 echo "== pytest under AddressSanitizer: ${tests[*]} $*"
 set +e

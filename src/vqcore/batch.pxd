@@ -2,6 +2,8 @@
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
+from vqcore.memory cimport GuestMemory
+
 cdef extern from "vq_batch.h" nogil:
     struct vq_batch:
         uint32_t count
@@ -25,3 +27,12 @@ cdef class ChainBatch:
     cdef vq_batch b
     cdef object _head, _seg_start, _nread, _rbytes, _wbytes, _used_len, _ndesc
     cdef object _token, _seg_gpa, _iov
+    cdef GuestMemory _memory      # what the segments of a pop point into (attached)
+
+    # Keep ``memory`` attached while the batch may hold host pointers into it: called by
+    # every device pop before it fills the batch (inline: once per pop, on the hot path).
+    cdef inline int hold(self, GuestMemory memory) except -1:
+        if self._memory is not memory:
+            self._swap_memory(memory)
+        return 0
+    cdef int _swap_memory(self, GuestMemory memory) except -1

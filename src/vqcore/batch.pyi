@@ -3,6 +3,8 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from vqcore.memory import GuestMemory
+
 class Chain(NamedTuple):
     head: int
     segments: list[tuple[int, int, bool]]
@@ -14,6 +16,9 @@ class Chain(NamedTuple):
 class ChainBatch:
     """A reusable batch of descriptor chains (device pop / driver add and reclaim)."""
     def __init__(self, max_chains: int = 256, max_segments: int | None = None) -> None: ...
+    @property
+    def memory(self) -> GuestMemory | None: ...
+    def release(self) -> None: ...
     @property
     def max_chains(self) -> int: ...
     @property

@@ -17,6 +17,7 @@ import numpy as np
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 
 from vqcore.errors import BatchTooSmall, InvalidChain
+from vqcore.memory cimport GuestMemory
 
 Chain = namedtuple("Chain", "head segments readable writable token used_len")
 Chain.__doc__ = ("One chain of a batch: head id, segments as (gpa, length, writable), "
@@ -86,6 +87,31 @@ cdef class ChainBatch:
         self.b.token = <uint64_t *>_ptr(self._token)
         self.b.seg_gpa = <uint64_t *>_ptr(self._seg_gpa)
         self.b.iov = <iovec *>_ptr(self._iov)
+
+    def __dealloc__(self):
+        if self._memory is not None:
+            self._memory.detach()
+
+    cdef int _swap_memory(self, GuestMemory memory) except -1:
+        memory.attach()
+        if self._memory is not None:
+            self._memory.detach()
+        self._memory = memory
+        return 0
+
+    @property
+    def memory(self):
+        """The :class:`GuestMemory` the segments of the last device pop point into
+        (None before one): the batch keeps it attached, so the regions stay mapped while
+        the batch may still be read (``chain``, ``chain_bytes``, ``seg_host``)."""
+        return self._memory
+
+    def release(self):
+        """Empty the batch and let go of its memory (a driver batch has none)."""
+        vq_batch_clear(&self.b)
+        if self._memory is not None:
+            self._memory.detach()
+            self._memory = None
 
     # ---- sizes ----------------------------------------------------------------------
 

@@ -100,6 +100,7 @@ def fill_burst(DeviceQueue queue not None, ChainBatch batch not None, int fd,
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         budget = max_bytes
     cdef int rc
+    batch.hold(queue.memory)
     with nogil:
         rc = vq_fill_burst(&queue.h, &batch.b, fd, budget, call_fd, &stats.s)
     if rc < 0:

@@ -203,6 +203,7 @@ def tx_burst(DeviceQueue queue not None, ChainBatch batch not None, int fd,
     returned, the queue is marked broken and the error raised.
     """
     cdef int rc
+    batch.hold(queue.memory)
     with nogil:
         rc = vq_net_tx_burst(&queue.h, &batch.b, fd, hdr_len, call_fd, &stats.s)
     if rc < 0:
@@ -220,6 +221,7 @@ def rx_burst(DeviceQueue queue not None, ChainBatch batch not None, int fd,
     ``fd`` is empty (``stats.tap_empty``)."""
     cdef int rc
     cdef const vq_net_filter *fp = NULL if rx_filter is None else &rx_filter.f
+    batch.hold(queue.memory)
     with nogil:
         rc = vq_net_rx_burst(&queue.h, &batch.b, fd, hdr_len, mrg_rxbuf, max_frame, fp,
                              max_packets, call_fd, &stats.s)

@@ -83,6 +83,7 @@ cdef class DeviceQueue(QueueBase):
         the bad one stay in the batch.
         """
         cdef int rc
+        batch.hold(self.memory)
         with nogil:
             rc = self.h.ops.pop(self.h.q, &batch.b)
         if rc < 0:

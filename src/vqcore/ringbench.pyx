@@ -230,6 +230,7 @@ def pingpong(DriverQueue driver not None, DeviceQueue device not None,
         raise ValueError("template batch is empty")
     cdef ChainBatch rb = ChainBatch(max(batch, 256))
     cdef ChainBatch db = ChainBatch(max(batch, 256))
+    db.hold(device.memory)                # the device's pops point into it
     cdef _PingPong pp = _PingPong()
     pp.dq = &driver.h
     pp.vq = &device.h
@@ -285,6 +286,7 @@ def device_loop(SplitDeviceQueue device not None, ChainBatch batch not None,
     cdef vq_split_dev *q = &device.q
     cdef vq_batch *b = &batch.b
     cdef uint16_t *aidx = &q.avail.idx
+    batch.hold(device.memory)
     cdef unsigned long long i
     cdef int n = 0
     cdef double t0, t1

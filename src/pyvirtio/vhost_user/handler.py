@@ -78,6 +78,20 @@ CONFIG_TYPE_MIGRATION = 1
 EXPECTED_ERRORS = (VirtioError, OSError, ValueError, BufferError, OverflowError)
 
 
+def forget_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of ``exc`` and of the exceptions it chains: their frames
+    hold what the failed request touched (a memory table half mapped, the one it
+    replaced), which must go before the front-end hears of the failure."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        cur.__traceback__ = None
+        nxt = cur.__cause__ or cur.__context__
+        cur.__context__ = cur.__cause__ = None
+        cur = nxt
+
+
 class HandlerStateError(VhostUserError, RuntimeError):
     """The handler is used after :meth:`VhostUserHandler.close`."""
 
@@ -203,13 +217,16 @@ class VhostUserHandler:
         Every fd of ``msg`` that the handler did not keep is closed."""
         if self._closed:
             raise HandlerStateError(f"{self.name}: the handler is closed")
+        failure: Exception | None = None
         try:
             reply = self._dispatch(msg)
         except Exception as exc:      # noqa: BLE001 - a request never crashes the back-end
-            return self._failed(conn, msg, exc)
+            failure = exc
         finally:
             close_fds(msg.fds)
             msg.fds.clear()
+        if failure is not None:
+            return self._failed(conn, msg, failure)
         if reply is not None:
             conn.reply(msg, reply)
         elif msg.need_reply:
@@ -218,7 +235,8 @@ class VhostUserHandler:
 
     def _failed(self, conn: Connection, msg: Message, exc: Exception) -> bool:
         if not isinstance(exc, EXPECTED_ERRORS):
-            log.exception("%s: %s failed unexpectedly", self.name, msg.name())
+            log.error("%s: %s failed unexpectedly", self.name, msg.name(), exc_info=exc)
+        forget_frames(exc)
         if msg.need_reply and msg.request not in EXPLICIT_REPLY:
             if isinstance(exc, EXPECTED_ERRORS):
                 log.warning("%s: %s refused (NACK): %s", self.name, msg.name(), exc)
@@ -405,11 +423,13 @@ class VhostUserHandler:
         if change is None:
             return
         running = [r for r in self.rings if r.started]
-        saved = {r.index: (r.queue.next_avail, r.queue.next_used) for r in running
-                 if r.queue is not None}
         groups = sorted(self._running)
         for group in groups:
             self._stop_group(group)
+        # the positions once no worker moves them any more (read before the stop, a
+        # burst in between was processed again on the new mapping, or its chains lost)
+        saved = {r.index: (r.queue.next_avail, r.queue.next_used) for r in running
+                 if r.queue is not None}
         for r in running:
             r.queue = None
         old = self.table.commit(change)
@@ -424,6 +444,7 @@ class VhostUserHandler:
         for group in groups:
             self._start_group(group)
         self.table.release(old)
+        del old                       # (a raise below would keep it in its traceback)
         log.info("%s: memory table of %d region(s) installed%s", self.name,
                  len(self.table), f", {len(running)} running ring(s) moved" if running else "")
         if failures:

@@ -11,7 +11,6 @@ one is valid in the rings of another because every back-end maps the same table.
 
 from __future__ import annotations
 
-import gc
 import logging
 import mmap
 import os
@@ -19,7 +18,7 @@ import os
 import numpy as np
 
 from vqcore import GuestMemory
-from vqcore.errors import MemoryRegionError, VirtioError
+from vqcore.errors import VirtioError
 
 from pyvirtio.vhost_user.messages import MemRegion, MemTable
 
@@ -108,27 +107,19 @@ class SharedGuestMemory:
         return self._mmap is None
 
     def close(self) -> None:
-        """Close the memfd and unmap. If queues or arrays over the memory are still
-        alive somewhere (a traceback's frames, say), the mapping goes when the last of
-        them does: nothing here keeps it. Idempotent."""
+        """Close the memfd and let go of the mapping: it is unmapped at once unless
+        queues or batches over :attr:`memory` are still alive somewhere (then when the
+        last of them goes; nothing is unmapped under a user). Idempotent."""
         if self._mmap is None:
             return
-        mm, self._mmap = self._mmap, None
-        try:
-            self.memory.close()           # drops the region exports, unless queues use it
-            self._array = None
-            mm.close()
-        except (MemoryRegionError, BufferError):
-            gc.collect()                  # a queue kept alive only by a reference cycle
-            try:
-                self.memory.close()
-                self._array = None
-                mm.close()
-            except (MemoryRegionError, BufferError):
-                log.debug("memfd %d: still in use; unmapped when the last user is gone",
-                          self.fd)
-                self._array = None
-                self.memory = GuestMemory()   # drop ours: the users hold the old one
+        memory, self.memory = self.memory, GuestMemory()
+        if not memory.attached:
+            memory.close()                # its exports go now
+        else:
+            log.debug("memfd %d: still in use by %d queue(s) or batch(es); unmapped when "
+                      "the last goes", self.fd, memory.attached)
+        self._array = None
+        self._mmap = None                 # the last reference unmaps (mmap's own dealloc)
         os.close(self.fd)
         self.fd = -1
 

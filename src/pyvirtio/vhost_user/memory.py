@@ -24,13 +24,11 @@ the old one). A REM_MEM_REG of any other region that is not mapped is refused.
 
 from __future__ import annotations
 
-import gc
 import logging
 import mmap
 from dataclasses import dataclass, field
 
 from vqcore import GuestMemory
-from vqcore.errors import MemoryRegionError
 
 from pyvirtio.fds import check_memory_fd
 from pyvirtio.vhost_user.messages import MAX_MEM_SLOTS, MemRegion, ProtocolError
@@ -91,8 +89,6 @@ class MemoryTable:
         self.regions: list[MappedRegion] = []
         #: region key -> REM_MEM_REGs still to come for copies of an unmapped region
         self.copies_to_remove: dict[tuple[int, int, int], int] = {}
-        #: mappings that could not be unmapped (still referenced): kept, logged
-        self._leaked: list[mmap.mmap] = []
 
     # ---- building a change -------------------------------------------------------------
 
@@ -205,34 +201,27 @@ class MemoryTable:
         self.copies_to_remove.clear()
         self._release(old[0], old[1], keep=[])
 
-    # ---- unmapping ------------------------------------------------------------------------
+    # ---- unmapping ----------------------------------------------------------------------
 
     def _unmap(self, regions: list[MappedRegion]) -> None:
         self._release(None, regions, keep=[])
 
     def _release(self, memory: GuestMemory | None, regions: list[MappedRegion],
                  keep: list[MappedRegion]) -> None:
-        if memory is not None:
-            try:
-                memory.close()
-            except MemoryRegionError:
-                gc.collect()                  # a queue still referenced from a cycle
-                try:
-                    memory.close()
-                except MemoryRegionError as exc:
-                    log.error("%s: old guest memory still in use: %s", self.name, exc)
-        for m in regions:
-            if any(m is k for k in keep):
-                continue
-            try:
-                m.mm.close()
-            except BufferError:
-                gc.collect()
-                try:
-                    m.mm.close()
-                except BufferError:
-                    log.error("%s: a memory mapping is still in use; kept", self.name)
-                    self._leaked.append(m.mm)
+        """Let go of ``memory`` and of the mappings of ``regions`` not in ``keep``.
+
+        Nothing is unmapped by force: a mapping goes when the last object that can
+        touch it does (the GuestMemory exporting it, and through it every queue and
+        every popped ChainBatch holding that GuestMemory). The handler stops the rings
+        and drops their queues first, so this is at once in the normal case; a user
+        that outlives it (a batch a caller kept) delays the unmap, never turns it into
+        a fault."""
+        if memory is not None and not memory.attached:
+            memory.close()             # its exports go now rather than with the object
+        dropped = [m for m in regions if not any(m is k for k in keep)]
+        log.debug("%s: %d mapping(s) released%s", self.name, len(dropped),
+                  f" (still used: {memory.attached})" if memory is not None
+                  and memory.attached else "")
 
     def __len__(self) -> int:
         return len(self.regions)
