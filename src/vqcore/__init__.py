@@ -18,6 +18,7 @@ from vqcore.split import (SplitDeviceQueue, SplitDriverQueue, SplitLayout, Split
                           MAX_QUEUE_SIZE)
 from vqcore.packed import (PackedDeviceQueue, PackedDriverQueue, PackedLayout,
                            PackedAddresses, packed_layout, packed_addresses)
+from vqcore.status import Status
 
 #: feature bits that choose how a queue is built
 VIRTIO_RING_F_EVENT_IDX = 1 << 29
@@ -52,7 +53,8 @@ def driver_queue(memory, size, desc, driver_area, device_area, *, features=0,
 
 __version__ = "0.1.0"
 
-__all__ = ["GuestMemory", "MemoryRegion", "ChainBatch", "Chain", "DeviceQueue", "DriverQueue",
+__all__ = ["Status", "GuestMemory", "MemoryRegion", "ChainBatch", "Chain", "DeviceQueue",
+           "DriverQueue",
            "PackedDeviceQueue", "PackedDriverQueue", "PackedLayout", "PackedAddresses",
            "packed_layout", "packed_addresses", "ring_addresses", "device_queue",
            "driver_queue", "VIRTIO_F_RING_PACKED", "VIRTIO_RING_F_EVENT_IDX", "SplitDeviceQueue",

@@ -28,7 +28,7 @@ class MemoryRegionError(VirtioError, ValueError):
 class QueueError(VirtioError):
     """Base of the errors raised by ring operations."""
 
-    #: the kernel status code (see ``vq_status.h``), or 0
+    #: the kernel status code (a :class:`vqcore.status.Status`), or 0
     code: int = 0
 
     def __init__(self, message: str = "", *, code: int = 0, index: int | None = None,
@@ -142,33 +142,5 @@ class QueueBroken(QueueError, RuntimeError):
     """The queue was broken by an earlier :class:`RingViolation` and must be reset."""
 
 
-#: status code (``vq_status.h``) -> exception class
-CODE_TO_EXCEPTION: dict[int, type[QueueError]] = {
-    -1: InvalidHeadIndex,
-    -2: InvalidDescriptorIndex,
-    -3: InvalidAvailRingIndex,
-    -4: ChainTooLong,
-    -5: IndirectLengthError,
-    -6: NestedIndirectDescriptor,
-    -7: IndirectWithNext,
-    -8: IndirectTableTooLong,
-    -9: IndirectTableNotContiguous,
-    -10: AddressOutOfBounds,
-    -11: AddressOverflow,
-    -12: ChainLengthOverflow,
-    -13: WritableBeforeReadable,
-    -14: HeadInUse,
-    -15: InvalidUsedRingIndex,
-    -16: InvalidUsedId,
-    -17: InvalidUsedLength,
-    -18: NetHeaderError,
-    -19: DescriptorNotAvailable,
-    -20: NotInFlight,
-    -21: BatchTooSmall,
-    -22: QueueBroken,
-    -23: InvalidChain,
-    -24: InvalidChain,
-}
-
 __all__ = [name for name, obj in list(globals().items())
-           if isinstance(obj, type) and issubclass(obj, VirtioError)] + ["CODE_TO_EXCEPTION"]
+           if isinstance(obj, type) and issubclass(obj, VirtioError)]

@@ -49,21 +49,16 @@ from vqcore.errors import (AddressOutOfBounds, AddressOverflow, BatchTooSmall, C
                            InvalidUsedRingIndex, LayoutError, NestedIndirectDescriptor,
                            NotInFlight, QueueBroken, RingViolation, WritableBeforeReadable)
 from vqcore.memory import GuestMemory
+from vqcore.split import (AVAIL_ALIGN, DESC_ALIGN, MAX_QUEUE_SIZE, USED_ALIGN,
+                          VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+                          VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY)
+from vqcore.status import Status
 
 log = logging.getLogger("vqcore.model")
 
 # ---- constants of the spec (section 2.7) ------------------------------------------------
-
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-VIRTQ_USED_F_NO_NOTIFY = 1
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-
-DESC_ALIGN = 16
-AVAIL_ALIGN = 2
-USED_ALIGN = 4
-MAX_QUEUE_SIZE = 32768
+# (their one source is the engine's C headers: the model imports them, with the status
+# codes its QueueError.code carries; everything the model computes it computes itself)
 
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
@@ -73,15 +68,6 @@ _U64 = 0xFFFFFFFFFFFFFFFF
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 _LE16 = struct.Struct("<H")
-
-# ``QueueError.code`` of each failure: the engine's status codes (vq_status.h)
-E_HEAD_INDEX, E_DESC_INDEX, E_AVAIL_IDX, E_CHAIN_TOO_LONG = -1, -2, -3, -4
-E_INDIRECT_LEN, E_INDIRECT_NESTED, E_INDIRECT_NEXT = -5, -6, -7
-E_INDIRECT_TOO_LONG, E_INDIRECT_SPLIT = -8, -9
-E_OUT_OF_BOUNDS, E_ADDR_OVERFLOW, E_CHAIN_LEN_OVERFLOW, E_WRITE_ORDER = -10, -11, -12, -13
-E_HEAD_IN_USE, E_USED_IDX, E_USED_ID, E_USED_LEN = -14, -15, -16, -17
-E_NOT_IN_FLIGHT, E_BATCH_TOO_SMALL, E_BROKEN, E_BAD_CHAIN, E_NO_INDIRECT = -20, -21, -22, -23, -24
-
 
 # ---- layout -------------------------------------------------------------------------------
 
@@ -160,14 +146,14 @@ class _Regions:
         crosses. Returns the pieces or the status code of the failure: overflow, out of
         bounds, or more than ``room`` pieces."""
         if length and length - 1 > _U64 - gpa:     # a range may end exactly at 2**64
-            return E_ADDR_OVERFLOW
+            return Status.ADDR_OVERFLOW
         out = []
         while length:
             r = self.find(gpa)
             if r is None:
-                return E_OUT_OF_BOUNDS
+                return Status.OUT_OF_BOUNDS
             if len(out) == room:
-                return E_BATCH_TOO_SMALL
+                return Status.BATCH_TOO_SMALL
             chunk = min(length, r.size - (gpa - r.gpa))
             out.append((gpa, r.host_addr + (gpa - r.gpa), chunk))
             gpa += chunk
@@ -355,9 +341,9 @@ class ChainBatch:
         k = self._count
         n = len(readable) + len(writable)
         if k >= self._max_chains:
-            raise BatchTooSmall("batch is full", code=E_BATCH_TOO_SMALL)
+            raise BatchTooSmall("batch is full", code=Status.BATCH_TOO_SMALL)
         if self._nseg + n > self._max_segs:
-            raise BatchTooSmall("batch has no room for the segments", code=E_BATCH_TOO_SMALL)
+            raise BatchTooSmall("batch has no room for the segments", code=Status.BATCH_TOO_SMALL)
         if n == 0:
             raise InvalidChain("a chain needs at least one segment")
         segs = [(_uint(gpa, 64, "address"), _uint(length, 64, "length"))
@@ -396,7 +382,7 @@ class ChainBatch:
             raise ValueError("seg_count does not add up to the number of segments")
         if nchains > self._max_chains or nseg > self._max_segs:
             raise BatchTooSmall(f"{nchains} chains / {nseg} segments exceed the batch",
-                                code=E_BATCH_TOO_SMALL)
+                                code=Status.BATCH_TOO_SMALL)
         if any(c == 0 or r > c for c, r in zip(cnt.tolist(), nrd.tolist())):
             raise InvalidChain("each chain needs >= 1 segment and readable_count <= seg_count")
         starts = [0]
@@ -513,7 +499,7 @@ class _SplitRing:
     def _check_not_broken(self):
         if self._broken:
             raise QueueBroken(f"{self.name}: queue is broken ({self._error})",
-                              code=E_BROKEN) from self._error
+                              code=Status.BROKEN) from self._error
 
     @property
     def error(self):
@@ -568,7 +554,7 @@ class SplitDeviceQueue(_SplitRing):
         if pending > self.size:
             self._violation(InvalidAvailRingIndex,
                             f"avail->idx {avail_idx} is {pending} ahead of {self._last_avail}",
-                            code=E_AVAIL_IDX, index=self._last_avail, addr=avail_idx,
+                            code=Status.AVAIL_IDX, index=self._last_avail, addr=avail_idx,
                             length=pending)
         regions = _Regions(self.memory)
         batch._memory = self.memory
@@ -578,10 +564,10 @@ class SplitDeviceQueue(_SplitRing):
                 head = self._read16(self._avail_ring_addr(self._last_avail))
                 if head >= self.size:
                     self._violation(InvalidHeadIndex, f"avail ring slot {slot} names head {head}",
-                                    code=E_HEAD_INDEX, index=slot, addr=head, length=self.size)
+                                    code=Status.HEAD_INDEX, index=slot, addr=head, length=self.size)
                 if head in self._in_flight:
                     self._violation(HeadInUse, f"head {head} offered again while in flight",
-                                    code=E_HEAD_IN_USE, index=head)
+                                    code=Status.HEAD_IN_USE, index=head)
                 try:
                     chain = self._walk_chain(head, batch, regions)
                 except BatchTooSmall:
@@ -615,7 +601,7 @@ class SplitDeviceQueue(_SplitRing):
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     self._fail(NestedIndirectDescriptor, f"indirect entry {idx} is INDIRECT",
-                               code=E_INDIRECT_NESTED, index=idx, addr=addr, length=length)
+                               code=Status.INDIRECT_NESTED, index=idx, addr=addr, length=length)
                 table, table_size = self._indirect_table(idx, addr, length, flags, regions)
                 in_indirect = True
                 idx = 0
@@ -624,21 +610,21 @@ class SplitDeviceQueue(_SplitRing):
             writable = bool(flags & VIRTQ_DESC_F_WRITE)
             if writing and not writable:
                 self._fail(WritableBeforeReadable, f"descriptor {idx}: readable after writable",
-                           code=E_WRITE_ORDER, index=idx, addr=addr, length=length)
+                           code=Status.WRITE_ORDER, index=idx, addr=addr, length=length)
             writing = writing or writable
             if length:
                 pieces = regions.pieces(addr, length, room - len(segments))
-                if pieces == E_BATCH_TOO_SMALL:
+                if pieces == Status.BATCH_TOO_SMALL:
                     self._fail(BatchTooSmall, f"chain at head {head} needs more segments",
-                               code=E_BATCH_TOO_SMALL, index=head, addr=addr,
+                               code=Status.BATCH_TOO_SMALL, index=head, addr=addr,
                                length=batch.max_segments)
-                if pieces == E_ADDR_OVERFLOW:
+                if pieces == Status.ADDR_OVERFLOW:
                     self._fail(AddressOverflow, f"descriptor {idx}: {addr:#x}+{length} overflows",
-                               code=E_ADDR_OVERFLOW, index=idx, addr=addr, length=length)
-                if pieces == E_OUT_OF_BOUNDS:
+                               code=Status.ADDR_OVERFLOW, index=idx, addr=addr, length=length)
+                if pieces == Status.OUT_OF_BOUNDS:
                     self._fail(AddressOutOfBounds, f"descriptor {idx}: {addr:#x}+{length} "
                                "is outside guest memory",
-                               code=E_OUT_OF_BOUNDS, index=idx, addr=addr, length=length)
+                               code=Status.OUT_OF_BOUNDS, index=idx, addr=addr, length=length)
                 segments += [(gpa, host, n, writable) for gpa, host, n in pieces]
                 if writable:
                     writable_bytes += length
@@ -649,15 +635,15 @@ class SplitDeviceQueue(_SplitRing):
                 break
             if nxt >= table_size:
                 self._fail(InvalidDescriptorIndex, f"descriptor {idx} chains to {nxt}",
-                           code=E_DESC_INDEX, index=idx, addr=nxt, length=table_size)
+                           code=Status.DESC_INDEX, index=idx, addr=nxt, length=table_size)
             ttl -= 1
             if ttl == 0:
                 self._fail(ChainTooLong, f"chain at head {head} is longer than {self.size}",
-                           code=E_CHAIN_TOO_LONG, index=head, addr=0, length=self.size)
+                           code=Status.CHAIN_TOO_LONG, index=head, addr=0, length=self.size)
             idx = nxt
         if readable_bytes > _U32 or writable_bytes > _U32:
             self._fail(ChainLengthOverflow, f"chain at head {head} is longer than 2**32-1",
-                       code=E_CHAIN_LEN_OVERFLOW, index=head, addr=0,
+                       code=Status.CHAIN_LEN_OVERFLOW, index=head, addr=0,
                        length=max(readable_bytes, writable_bytes))
         return segments, readable_segments, readable_bytes, writable_bytes, ring_descs
 
@@ -665,22 +651,22 @@ class SplitDeviceQueue(_SplitRing):
         """Check an INDIRECT descriptor (spec 2.7.5.3); returns (table gpa, entries)."""
         if flags & VIRTQ_DESC_F_NEXT:
             self._fail(IndirectWithNext, f"descriptor {idx} has INDIRECT and NEXT",
-                       code=E_INDIRECT_NEXT, index=idx, addr=addr, length=length)
+                       code=Status.INDIRECT_NEXT, index=idx, addr=addr, length=length)
         if length == 0 or length % 16:
             self._fail(IndirectLengthError, f"descriptor {idx}: indirect length {length}",
-                       code=E_INDIRECT_LEN, index=idx, addr=addr, length=length)
+                       code=Status.INDIRECT_LEN, index=idx, addr=addr, length=length)
         entries = length // 16
         if entries > self.size:
             self._fail(IndirectTableTooLong, f"descriptor {idx}: {entries} indirect entries",
-                       code=E_INDIRECT_TOO_LONG, index=idx, addr=addr, length=entries)
+                       code=Status.INDIRECT_TOO_LONG, index=idx, addr=addr, length=entries)
         if length - 1 > _U64 - addr:               # the table may end exactly at 2**64
             self._fail(AddressOverflow, f"descriptor {idx}: {addr:#x}+{length} overflows",
-                       code=E_ADDR_OVERFLOW, index=idx, addr=addr, length=length)
+                       code=Status.ADDR_OVERFLOW, index=idx, addr=addr, length=length)
         if not regions.inside_one(addr, length):
             both_ends_inside = (regions.find(addr) is not None
                                 and regions.find(addr + length - 1) is not None)
-            cls, code = ((IndirectTableNotContiguous, E_INDIRECT_SPLIT) if both_ends_inside
-                         else (AddressOutOfBounds, E_OUT_OF_BOUNDS))
+            cls, code = ((IndirectTableNotContiguous, Status.INDIRECT_SPLIT) if both_ends_inside
+                         else (AddressOutOfBounds, Status.OUT_OF_BOUNDS))
             self._fail(cls, f"descriptor {idx}: indirect table {addr:#x}+{length} is not "
                        "inside one region", code=code, index=idx, addr=addr, length=length)
         return addr, entries
@@ -726,7 +712,7 @@ class SplitDeviceQueue(_SplitRing):
         returned = set()
         for head in heads:
             if head not in self._in_flight or head in returned:
-                self._fail(NotInFlight, f"head {head} is not in flight", code=E_NOT_IN_FLIGHT,
+                self._fail(NotInFlight, f"head {head} is not in flight", code=Status.NOT_IN_FLIGHT,
                            index=head)
             returned.add(head)
         for i, (head, length) in enumerate(zip(heads, lengths)):
@@ -906,7 +892,7 @@ class SplitDriverQueue(_SplitRing):
         self._check_not_broken()
         if indirect and self._indirect_addr is None:
             self._fail(InvalidChain, f"indirect chains need an indirect area (chain {start})",
-                       code=E_NO_INDIRECT, index=start)
+                       code=Status.NO_INDIRECT, index=start)
         c = start
         while c < batch.count:
             segments = batch.chain(c).segments
@@ -915,7 +901,7 @@ class SplitDriverQueue(_SplitRing):
             if nseg == 0 or nseg > limit:
                 if c == start:
                     self._fail(InvalidChain, f"chain {c} given to add() is invalid "
-                               f"({nseg} segments)", code=E_BAD_CHAIN, index=c, length=nseg)
+                               f"({nseg} segments)", code=Status.BAD_CHAIN, index=c, length=nseg)
                 break                    # add what fits; the next call reports it
             need = 1 if indirect else nseg
             if len(self._free) < need:
@@ -967,7 +953,7 @@ class SplitDriverQueue(_SplitRing):
         if pending > self.size:
             self._violation(InvalidUsedRingIndex,
                             f"used->idx {used_idx} is {pending} ahead of {self._last_used}",
-                            code=E_USED_IDX, index=self._last_used, addr=used_idx,
+                            code=Status.USED_IDX, index=self._last_used, addr=used_idx,
                             length=pending)
         bad = None
         k = 0
@@ -976,13 +962,13 @@ class SplitDriverQueue(_SplitRing):
             head, length = _USED_ELEM.unpack(self.memory.read(self._used_elem_addr(pos), 8))
             if head not in self._chains:
                 bad = (InvalidUsedId, f"used element {pos} names id {head}, not in flight",
-                       dict(code=E_USED_ID, index=pos, addr=head, length=self.size))
+                       dict(code=Status.USED_ID, index=pos, addr=head, length=self.size))
                 break
             descs, wbytes, token = self._chains.pop(head)
             if length > wbytes:
                 self._chains[head] = (descs, wbytes, token)
                 bad = (InvalidUsedLength, f"head {head}: used length {length} > {wbytes}",
-                       dict(code=E_USED_LEN, index=head, addr=length, length=wbytes))
+                       dict(code=Status.USED_LEN, index=head, addr=length, length=wbytes))
                 break
             batch._head[k] = head
             batch._token[k] = token

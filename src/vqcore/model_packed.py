@@ -62,29 +62,14 @@ from vqcore.errors import (AddressOutOfBounds, AddressOverflow, BatchTooSmall, C
                            NestedIndirectDescriptor, NotInFlight, RingViolation,
                            WritableBeforeReadable)
 from vqcore.memory import GuestMemory
-from vqcore.model import (E_ADDR_OVERFLOW, E_BAD_CHAIN, E_BATCH_TOO_SMALL, E_CHAIN_LEN_OVERFLOW,
-                          E_CHAIN_TOO_LONG, E_HEAD_IN_USE, E_HEAD_INDEX, E_INDIRECT_NESTED,
-                          E_NO_INDIRECT, E_NOT_IN_FLIGHT, E_OUT_OF_BOUNDS, E_USED_ID, E_USED_LEN,
-                          E_WRITE_ORDER, Chain, ChainBatch, need_event)
+from vqcore.model import Chain, ChainBatch, need_event
+from vqcore.packed import (DESC_ALIGN, EVENT_ALIGN, MAX_QUEUE_SIZE, RING_EVENT_FLAGS_DESC,
+                           RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, VIRTQ_DESC_F_AVAIL,
+                           VIRTQ_DESC_F_USED)
+from vqcore.split import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from vqcore.status import Status
 
-# ---- constants of the spec (section 2.8) ------------------------------------------------
-
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-VIRTQ_DESC_F_AVAIL = 1 << 7
-VIRTQ_DESC_F_USED = 1 << 15
-
-RING_EVENT_FLAGS_ENABLE = 0
-RING_EVENT_FLAGS_DISABLE = 1
-RING_EVENT_FLAGS_DESC = 2
-
-DESC_ALIGN = 16
-EVENT_ALIGN = 4
-MAX_QUEUE_SIZE = 32768
-
-#: ``QueueError.code`` of a chain running into a descriptor that is not available
-E_DESC_NOT_AVAIL = -19
+# ---- constants of the spec (section 2.8): the engine's (its C headers), imported above
 
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
@@ -291,10 +276,10 @@ class PackedDeviceQueue(_PackedRing):
                     raise
                 if buffer_id >= self.size:
                     self._fail(InvalidHeadIndex, f"chain at slot {pos} has buffer id {buffer_id}",
-                               code=E_HEAD_INDEX, index=pos, addr=buffer_id, length=self.size)
+                               code=Status.HEAD_INDEX, index=pos, addr=buffer_id, length=self.size)
                 if buffer_id in self._in_flight:
                     self._fail(HeadInUse, f"buffer id {buffer_id} offered again while in flight",
-                               code=E_HEAD_IN_USE, index=buffer_id)
+                               code=Status.HEAD_IN_USE, index=buffer_id)
                 _model.SplitDeviceQueue._commit(batch, buffer_id, chain)
                 ndesc = chain[-1]
                 self._in_flight[buffer_id] = ndesc
@@ -326,22 +311,22 @@ class PackedDeviceQueue(_PackedRing):
             writable = bool(flags & VIRTQ_DESC_F_WRITE)
             if writing and not writable:
                 self._fail(WritableBeforeReadable, f"descriptor {index}: readable after writable",
-                           code=E_WRITE_ORDER, index=index, addr=addr, length=length)
+                           code=Status.WRITE_ORDER, index=index, addr=addr, length=length)
             writing = writing or writable
             if not length:
                 return                   # no segment, but it counted for the order rule
             pieces = regions.pieces(addr, length, room - len(segments))
-            if pieces == E_BATCH_TOO_SMALL:
+            if pieces == Status.BATCH_TOO_SMALL:
                 self._fail(BatchTooSmall, f"chain at slot {pos} needs more segments",
-                           code=E_BATCH_TOO_SMALL, index=pos, addr=addr,
+                           code=Status.BATCH_TOO_SMALL, index=pos, addr=addr,
                            length=batch.max_segments)
-            if pieces == E_ADDR_OVERFLOW:
+            if pieces == Status.ADDR_OVERFLOW:
                 self._fail(AddressOverflow, f"descriptor {index}: {addr:#x}+{length} overflows",
-                           code=E_ADDR_OVERFLOW, index=index, addr=addr, length=length)
-            if pieces == E_OUT_OF_BOUNDS:
+                           code=Status.ADDR_OVERFLOW, index=index, addr=addr, length=length)
+            if pieces == Status.OUT_OF_BOUNDS:
                 self._fail(AddressOutOfBounds, f"descriptor {index}: {addr:#x}+{length} "
                            "is outside guest memory",
-                           code=E_OUT_OF_BOUNDS, index=index, addr=addr, length=length)
+                           code=Status.OUT_OF_BOUNDS, index=index, addr=addr, length=length)
             segments.extend((gpa, host, n, writable) for gpa, host, n in pieces)
             if writable:
                 totals["wbytes"] += length
@@ -358,7 +343,7 @@ class PackedDeviceQueue(_PackedRing):
                     e_addr, e_len, _, e_flags = _PDESC.unpack(self.memory.read(table + 16 * i, 16))
                     if e_flags & VIRTQ_DESC_F_INDIRECT:
                         self._fail(NestedIndirectDescriptor, f"indirect entry {i} is INDIRECT",
-                                   code=E_INDIRECT_NESTED, index=i, addr=e_addr, length=e_len)
+                                   code=Status.INDIRECT_NESTED, index=i, addr=e_addr, length=e_len)
                     buffer(i, e_addr, e_len, e_flags)
                 break                    # an indirect descriptor ends the chain
             buffer(slot, addr, length, flags)
@@ -367,16 +352,16 @@ class PackedDeviceQueue(_PackedRing):
             ttl -= 1
             if ttl == 0:
                 self._fail(ChainTooLong, f"chain at slot {pos} is longer than {size}",
-                           code=E_CHAIN_TOO_LONG, index=pos, addr=0, length=size)
+                           code=Status.CHAIN_TOO_LONG, index=pos, addr=0, length=size)
             slot, wrap = _advance(slot, wrap, 1, size)
             flags = self._read_flags(slot)
             if not is_avail(flags, wrap):
                 self._fail(DescriptorNotAvailable, f"chain at slot {pos} runs into slot {slot}, "
-                           f"flags {flags:#x} not available", code=E_DESC_NOT_AVAIL,
+                           f"flags {flags:#x} not available", code=Status.DESC_NOT_AVAIL,
                            index=slot, addr=pos, length=flags)
         if totals["rbytes"] > _U32 or totals["wbytes"] > _U32:
             self._fail(ChainLengthOverflow, f"chain at slot {pos} is longer than 2**32-1",
-                       code=E_CHAIN_LEN_OVERFLOW, index=pos, addr=0,
+                       code=Status.CHAIN_LEN_OVERFLOW, index=pos, addr=0,
                        length=max(totals["rbytes"], totals["wbytes"]))
         return buffer_id, (segments, totals["nread"], totals["rbytes"], totals["wbytes"],
                            ring_descs)
@@ -406,7 +391,7 @@ class PackedDeviceQueue(_PackedRing):
         for buffer_id in ids:
             if buffer_id not in self._in_flight or buffer_id in returned:
                 self._fail(NotInFlight, f"buffer id {buffer_id} is not in flight",
-                           code=E_NOT_IN_FLIGHT, index=buffer_id)
+                           code=Status.NOT_IN_FLIGHT, index=buffer_id)
             returned.add(buffer_id)
         pos, wrap = self._next_used, self._used_wrap
         first = None
@@ -574,7 +559,7 @@ class PackedDriverQueue(_PackedRing):
         self._check_not_broken()
         if indirect and self._indirect_addr is None:
             self._fail(InvalidChain, f"indirect chains need an indirect area (chain {start})",
-                       code=E_NO_INDIRECT, index=start)
+                       code=Status.NO_INDIRECT, index=start)
         first_head = None                # (slot, flags) of the batch's first head
         c = start
         while c < batch.count:
@@ -584,7 +569,7 @@ class PackedDriverQueue(_PackedRing):
             if nseg == 0 or nseg > limit:
                 if c == start:
                     self._fail(InvalidChain, f"chain {c} given to add() is invalid "
-                               f"({nseg} segments)", code=E_BAD_CHAIN, index=c, length=nseg)
+                               f"({nseg} segments)", code=Status.BAD_CHAIN, index=c, length=nseg)
                 break                    # add what fits; the next call reports it
             need = 1 if indirect else nseg
             if self._num_free < need or not self._free_ids:
@@ -662,7 +647,7 @@ class PackedDriverQueue(_PackedRing):
                 break
             if buffer_id not in self._chains:
                 bad = (InvalidUsedId, f"used descriptor at slot {pos} names id {buffer_id}, "
-                       "not in flight", dict(code=E_USED_ID, index=pos, addr=buffer_id,
+                       "not in flight", dict(code=Status.USED_ID, index=pos, addr=buffer_id,
                                              length=self.size))
                 break
             if not flags & VIRTQ_DESC_F_WRITE:
@@ -670,7 +655,7 @@ class PackedDriverQueue(_PackedRing):
             slots, wbytes, token = self._chains[buffer_id]
             if length > wbytes:
                 bad = (InvalidUsedLength, f"buffer id {buffer_id}: used length {length} > {wbytes}",
-                       dict(code=E_USED_LEN, index=buffer_id, addr=length, length=wbytes))
+                       dict(code=Status.USED_LEN, index=buffer_id, addr=length, length=wbytes))
                 break
             del self._chains[buffer_id]
             self._free_ids.append(buffer_id)

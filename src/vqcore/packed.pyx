@@ -15,16 +15,18 @@ import numpy as np
 from libc.stdint cimport uintptr_t
 
 from vqcore.errors import LayoutError
+from vqcore cimport spec
 
-DESC_ALIGN = 16
-EVENT_ALIGN = 4
-MAX_QUEUE_SIZE = 32768
+# the spec's constants, as the C headers define them (vqcore/spec.pxd)
+DESC_ALIGN = spec.VQ_DESC_ALIGN
+EVENT_ALIGN = 4                       # (pvirtq_event_suppress: Python lays it out alone)
+MAX_QUEUE_SIZE = spec.VQ_MAX_QUEUE_SIZE
 
-VIRTQ_DESC_F_AVAIL = 1 << 7
-VIRTQ_DESC_F_USED = 1 << 15
-RING_EVENT_FLAGS_ENABLE = 0
-RING_EVENT_FLAGS_DISABLE = 1
-RING_EVENT_FLAGS_DESC = 2
+VIRTQ_DESC_F_AVAIL = spec.VIRTQ_DESC_F_AVAIL
+VIRTQ_DESC_F_USED = spec.VIRTQ_DESC_F_USED
+RING_EVENT_FLAGS_ENABLE = spec.RING_EVENT_FLAGS_ENABLE
+RING_EVENT_FLAGS_DISABLE = spec.RING_EVENT_FLAGS_DISABLE
+RING_EVENT_FLAGS_DESC = spec.RING_EVENT_FLAGS_DESC
 
 #: a position as ``next_avail``/``next_used`` and vhost-user carry it: the slot in bits
 #: 0-14, the wrap counter in bit 15 (the typed code below spells them 0x7FFF and 15)

@@ -19,20 +19,23 @@ import numpy as np
 from libc.stdint cimport uintptr_t
 
 from vqcore.errors import LayoutError
+from vqcore cimport spec
 from vqcore.queue cimport QueueBase, DeviceQueue, DriverQueue
 
 log = logging.getLogger("vqcore.split")
 
-DESC_ALIGN = 16
-AVAIL_ALIGN = 2
-USED_ALIGN = 4
-MAX_QUEUE_SIZE = 32768
+# the spec's constants, as the C headers define them (vqcore/spec.pxd): the one source
+# the models and the control plane import
+DESC_ALIGN = spec.VQ_DESC_ALIGN
+AVAIL_ALIGN = spec.VQ_AVAIL_ALIGN
+USED_ALIGN = spec.VQ_USED_ALIGN
+MAX_QUEUE_SIZE = spec.VQ_MAX_QUEUE_SIZE
 
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-VIRTQ_USED_F_NO_NOTIFY = 1
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_DESC_F_NEXT = spec.VIRTQ_DESC_F_NEXT
+VIRTQ_DESC_F_WRITE = spec.VIRTQ_DESC_F_WRITE
+VIRTQ_DESC_F_INDIRECT = spec.VIRTQ_DESC_F_INDIRECT
+VIRTQ_USED_F_NO_NOTIFY = spec.VIRTQ_USED_F_NO_NOTIFY
+VIRTQ_AVAIL_F_NO_INTERRUPT = spec.VIRTQ_AVAIL_F_NO_INTERRUPT
 
 SplitLayout = namedtuple("SplitLayout", "size desc_size avail_size used_size")
 SplitLayout.__doc__ = "Byte sizes of the three parts of a split ring (with event fields)."

@@ -1,6 +1,81 @@
-"""Turns the status codes of the nogil kernels into exceptions (the cold path)."""
+"""The status codes of the nogil kernels (``vq_status.h``, their one source) as
+:class:`Status`, and the one checker that turns a code into its exception (the cold
+path). The pure-Python models raise with the same codes."""
 
-from vqcore.errors import CODE_TO_EXCEPTION, QueueError
+import enum
+
+from vqcore.errors import (AddressOutOfBounds, AddressOverflow, BatchTooSmall, ChainTooLong,
+                           ChainLengthOverflow, DescriptorNotAvailable, HeadInUse,
+                           IndirectLengthError, IndirectTableNotContiguous,
+                           IndirectTableTooLong, IndirectWithNext, InvalidAvailRingIndex,
+                           InvalidChain, InvalidDescriptorIndex, InvalidHeadIndex,
+                           InvalidUsedId, InvalidUsedLength, InvalidUsedRingIndex,
+                           NestedIndirectDescriptor, NetHeaderError, NotInFlight, QueueBroken,
+                           QueueError, WritableBeforeReadable)
+
+
+class Status(enum.IntEnum):
+    """A kernel's status (``QueueError.code``): 0 is success, each negative value one
+    kind of failure; the values are those of ``enum vq_status``."""
+    OK = VQ_OK
+    HEAD_INDEX = VQ_E_HEAD_INDEX
+    DESC_INDEX = VQ_E_DESC_INDEX
+    AVAIL_IDX = VQ_E_AVAIL_IDX
+    CHAIN_TOO_LONG = VQ_E_CHAIN_TOO_LONG
+    INDIRECT_LEN = VQ_E_INDIRECT_LEN
+    INDIRECT_NESTED = VQ_E_INDIRECT_NESTED
+    INDIRECT_NEXT = VQ_E_INDIRECT_NEXT
+    INDIRECT_TOO_LONG = VQ_E_INDIRECT_TOO_LONG
+    INDIRECT_SPLIT = VQ_E_INDIRECT_SPLIT
+    OUT_OF_BOUNDS = VQ_E_OUT_OF_BOUNDS
+    ADDR_OVERFLOW = VQ_E_ADDR_OVERFLOW
+    CHAIN_LEN_OVERFLOW = VQ_E_CHAIN_LEN_OVERFLOW
+    WRITE_ORDER = VQ_E_WRITE_ORDER
+    HEAD_IN_USE = VQ_E_HEAD_IN_USE
+    USED_IDX = VQ_E_USED_IDX
+    USED_ID = VQ_E_USED_ID
+    USED_LEN = VQ_E_USED_LEN
+    NET_HDR = VQ_E_NET_HDR
+    DESC_NOT_AVAIL = VQ_E_DESC_NOT_AVAIL
+    NOT_IN_FLIGHT = VQ_E_NOT_IN_FLIGHT
+    BATCH_TOO_SMALL = VQ_E_BATCH_TOO_SMALL
+    BROKEN = VQ_E_BROKEN
+    BAD_CHAIN = VQ_E_BAD_CHAIN
+    NO_INDIRECT = VQ_E_NO_INDIRECT
+
+    @property
+    def violation(self) -> bool:
+        """Whether the code is the other side's violation (it breaks the queue)."""
+        return bool(vq_is_violation(self))
+
+
+#: status -> exception class
+CODE_TO_EXCEPTION = {
+    Status.HEAD_INDEX: InvalidHeadIndex,
+    Status.DESC_INDEX: InvalidDescriptorIndex,
+    Status.AVAIL_IDX: InvalidAvailRingIndex,
+    Status.CHAIN_TOO_LONG: ChainTooLong,
+    Status.INDIRECT_LEN: IndirectLengthError,
+    Status.INDIRECT_NESTED: NestedIndirectDescriptor,
+    Status.INDIRECT_NEXT: IndirectWithNext,
+    Status.INDIRECT_TOO_LONG: IndirectTableTooLong,
+    Status.INDIRECT_SPLIT: IndirectTableNotContiguous,
+    Status.OUT_OF_BOUNDS: AddressOutOfBounds,
+    Status.ADDR_OVERFLOW: AddressOverflow,
+    Status.CHAIN_LEN_OVERFLOW: ChainLengthOverflow,
+    Status.WRITE_ORDER: WritableBeforeReadable,
+    Status.HEAD_IN_USE: HeadInUse,
+    Status.USED_IDX: InvalidUsedRingIndex,
+    Status.USED_ID: InvalidUsedId,
+    Status.USED_LEN: InvalidUsedLength,
+    Status.NET_HDR: NetHeaderError,
+    Status.DESC_NOT_AVAIL: DescriptorNotAvailable,
+    Status.NOT_IN_FLIGHT: NotInFlight,
+    Status.BATCH_TOO_SMALL: BatchTooSmall,
+    Status.BROKEN: QueueBroken,
+    Status.BAD_CHAIN: InvalidChain,
+    Status.NO_INDIRECT: InvalidChain,
+}
 
 _MESSAGES = {
     VQ_E_HEAD_INDEX: "avail ring slot {index} names head {addr}, not below the queue size {len}",
@@ -36,4 +111,4 @@ cdef int raise_status(const vq_err *e, str where) except -1:
     msg = template.format(index=e.index, addr=e.addr, len=e.len, code=e.code)
     if where:
         msg = f"{where}: {msg}"
-    raise cls(msg, code=e.code, index=e.index, addr=e.addr, length=e.len)
+    raise cls(msg, code=Status(e.code), index=e.index, addr=e.addr, length=e.len)

@@ -33,7 +33,7 @@ import abc
 import logging
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
-from vqcore import GuestMemory
+from vqcore import MAX_QUEUE_SIZE, GuestMemory
 
 from pyvirtio.device import ConfigAccessError, VirtioDevice, Vring
 from pyvirtio.vhost_user.messages import Message, Request
@@ -55,7 +55,7 @@ class VhostUserDevice(abc.ABC):
 
     device_type: ClassVar[str] = "unknown"
     num_queues: int = 1
-    max_queue_size: int = 32768
+    max_queue_size: int = MAX_QUEUE_SIZE
     #: for log lines
     name: str = "vhost-user"
 

@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import vqcore
 from vqcore.errors import VirtioError
 from vqcore.packed import PACKED_SLOT_MASK, PACKED_WRAP
 
@@ -27,8 +28,8 @@ MAX_FDS = 8
 MAX_MEM_TABLE_REGIONS = 8
 #: regions with CONFIGURE_MEM_SLOTS (what GET_MAX_MEM_SLOTS answers)
 MAX_MEM_SLOTS = 509
-#: largest ring
-MAX_QUEUE_SIZE = 32768
+#: largest ring (the spec's, as vqcore's headers define it)
+MAX_QUEUE_SIZE = vqcore.MAX_QUEUE_SIZE
 
 VERSION = 0x1
 FLAG_VERSION_MASK = 0x3

@@ -172,8 +172,7 @@ fail:
 static inline int vq_packed_pop(struct vq_packed_dev *q, struct vq_batch *b)
 {
     vq_batch_clear(b);
-    if (q->broken)
-        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
+    VQ_RETURN_IF_BROKEN(q);
     struct vq_walk w;
     int rc = 0;
     uint16_t pos = q->next_avail;
@@ -394,8 +393,7 @@ static inline int vq_packed_drv_add(struct vq_packed_drv *q, const struct vq_bat
 {
     (void)publish;              /* each chain becomes visible with its head's flags */
     uint32_t c;
-    if (q->broken)
-        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
+    VQ_RETURN_IF_BROKEN(q);
     if (indirect && q->ind_host == NULL)
         return vq_fail(&q->err, VQ_E_NO_INDIRECT, from, 0, 0);
     uint16_t head_pos = q->next_avail, head_flags = 0;
@@ -488,8 +486,7 @@ static inline int vq_packed_drv_kick_needed(struct vq_packed_drv *q)
 static inline int vq_packed_drv_reclaim(struct vq_packed_drv *q, struct vq_batch *b)
 {
     vq_batch_clear(b);
-    if (q->broken)
-        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
+    VQ_RETURN_IF_BROKEN(q);
     uint32_t k = 0;
     uint32_t pos = q->next_used;
     int wrap = q->used_wrap;

@@ -47,8 +47,7 @@ struct vq_split_dev {
 static inline int vq_split_pop(struct vq_split_dev *q, struct vq_batch *b)
 {
     vq_batch_clear(b);
-    if (q->broken)
-        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
+    VQ_RETURN_IF_BROKEN(q);
     const uint32_t size = q->size, mask = q->mask;
     const uint16_t *ring = q->avail->ring;
     const struct vq_desc *desc = q->desc;
@@ -280,8 +279,7 @@ static inline int vq_split_drv_add(struct vq_split_drv *q, const struct vq_batch
                                    uint32_t from, int indirect, int publish)
 {
     uint32_t c;
-    if (q->broken)
-        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
+    VQ_RETURN_IF_BROKEN(q);
     if (indirect && q->ind_host == NULL)
         return vq_fail(&q->err, VQ_E_NO_INDIRECT, from, 0, 0);
     for (c = from; c < b->count; c++) {
@@ -339,8 +337,7 @@ static inline int vq_split_drv_kick_needed(struct vq_split_drv *q)
 static inline int vq_split_drv_reclaim(struct vq_split_drv *q, struct vq_batch *b)
 {
     vq_batch_clear(b);
-    if (q->broken)
-        return vq_fail(&q->err, VQ_E_BROKEN, 0, 0, 0);   /* QueueBroken, not the old error */
+    VQ_RETURN_IF_BROKEN(q);
     uint16_t used_idx = vq_load_acquire16(&q->used->idx);
     uint16_t pending = (uint16_t)(used_idx - q->last_used);
     if (pending > q->size) {

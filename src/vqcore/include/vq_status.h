@@ -58,6 +58,15 @@ static inline int vq_fail(struct vq_err *e, int code, uint32_t index, uint64_t a
     return code;
 }
 
+/* The check every ring operation starts with: a queue broken by an earlier violation
+ * answers VQ_E_BROKEN (QueueBroken), never the violation that broke it again. ``q`` is
+ * any queue with ``broken`` and ``err`` members (split or packed, either side). */
+#define VQ_RETURN_IF_BROKEN(q)                                                  \
+    do {                                                                        \
+        if ((q)->broken)                                                        \
+            return vq_fail(&(q)->err, VQ_E_BROKEN, 0, 0, 0);                    \
+    } while (0)
+
 static inline int vq_is_violation(int code)
 {
     return code <= VQ_E_HEAD_INDEX && code >= VQ_E_LAST_VIOLATION;
